@@ -1,0 +1,1489 @@
+"""kubetail-agent: the Kubetail Cluster Agent in one Python module.
+
+One agent runs on every node (a DaemonSet). Kubetail's Cluster API asks it over
+gRPC for container log records: a time window, a regex grep, newest-first or
+oldest-first, optionally following new lines live. The grep runs here, on the
+node, so only matching lines cross the network.
+
+The module reads top-down in the order data flows:
+config -> auth -> locating a file -> reading lines -> scanning -> records ->
+following -> servicers -> server -> CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import calendar
+import collections
+import concurrent.futures
+import dataclasses
+import errno
+import functools
+import json
+import logging
+import mmap
+import os
+import re
+import signal
+import stat
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("kubetail-agent")
+
+
+class RequestError(Exception):
+    """A request failed in a way the client should hear about as a gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # name of a grpc.StatusCode member, e.g. "INVALID_ARGUMENT"
+        self.message = message
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the agent exits before binding anything."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the agent needs to know, resolved once at start-up."""
+
+    addr: str = ":50051"
+    container_logs_dir: str = "/var/log/containers"
+    node_name: str = ""
+    logging_enabled: bool = True
+    logging_level: str = "info"
+    logging_format: str = "json"
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    tls_allowed_names: tuple[str, ...] = ()
+    allowed_namespaces: tuple[str, ...] = ()
+    auth_mode: str = "none"
+    shutdown_timeout: float = 30.0
+    max_record_bytes: int = 1 << 20
+    scan_threads: int = 0  # 0 = the CPUs this process may use, at most 4
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file and self.tls_key_file)
+
+    @property
+    def effective_scan_threads(self) -> int:
+        if self.scan_threads > 0:
+            return self.scan_threads
+        return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_str(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, bool)):
+        raise ValueError(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def _parse_str_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):  # from -p key:a,b
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return tuple(str(v) for v in value)
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Go-style durations ("30s", "1m30s", "500ms") or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        if not text or _DURATION_PART.sub("", text) != "":
+            raise ValueError(f"expected a duration such as 30s, got {value!r}")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative: {value!r}")
+    return seconds
+
+
+_SIZE = re.compile(r"(\d+)\s*(|b|k|kb|ki|kib|m|mb|mi|mib)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024,
+               "m": 1000**2, "mb": 1000**2, "mi": 1024**2, "mib": 1024**2}
+
+
+def parse_size(value: Any) -> int:
+    """A byte count: 1048576, "1Mi", "1MiB", "512Ki"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 1Mi, got {value!r}")
+    match = _SIZE.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"expected a size such as 1Mi, got {value!r}")
+    size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size < 1024:
+        raise ValueError(f"a size below 1Ki is not useful here: {value!r}")
+    return size
+
+
+def _parse_positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return int(str(value).strip())
+
+
+def _parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _parse_str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+    return parse
+
+
+# config key -> (Config field, parser)
+CONFIG_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "addr": ("addr", _parse_str),
+    "container-logs-dir": ("container_logs_dir", _parse_str),
+    "node-name": ("node_name", _parse_str),
+    "logging.enabled": ("logging_enabled", _parse_bool),
+    "logging.level": ("logging_level", _parse_choice("debug", "info", "warn", "error")),
+    "logging.format": ("logging_format", _parse_choice("json", "pretty")),
+    "tls.cert-file": ("tls_cert_file", _parse_str),
+    "tls.key-file": ("tls_key_file", _parse_str),
+    "tls.ca-file": ("tls_ca_file", _parse_str),
+    "tls.allowed-names": ("tls_allowed_names", _parse_str_list),
+    "allowed-namespaces": ("allowed_namespaces", _parse_str_list),
+    "auth-mode": ("auth_mode", _parse_choice("none")),
+    "shutdown-timeout": ("shutdown_timeout", parse_duration),
+    "max-record-bytes": ("max_record_bytes", parse_size),
+    "scan-threads": ("scan_threads", _parse_positive_int),
+}
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"tls": {"cert-file": x}} -> {"tls.cert-file": x}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and any(k.startswith(f"{name}.") for k in CONFIG_KEYS):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read YAML (or JSON, by extension), with ${NAME} replaced by the environment."""
+    import yaml  # only needed when a config file is given
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    text = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), text)
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
+        raise ConfigError(f"cannot parse config file {path}: {first_line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _file_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a config mapping, accepting the older layout nested under `cluster-agent:`."""
+    data = dict(data)
+    nested = data.pop("cluster-agent", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise ConfigError("config key cluster-agent must be a mapping")
+    settings = _flatten(data)
+    if nested:
+        settings.update(_flatten(nested))
+    return settings
+
+
+def _param_settings(params: Sequence[str]) -> dict[str, Any]:
+    """-p key:value pairs; keys may carry the older `cluster-agent.` prefix."""
+    import yaml
+
+    settings: dict[str, Any] = {}
+    for param in params:
+        key, sep, raw = param.partition(":")
+        if not sep or not key.strip():
+            raise ConfigError(f"-p expects key:value, got {param!r}")
+        key = key.strip().removeprefix("cluster-agent.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        # A bare scalar such as 30s or a path stays a string; YAML only decides booleans/numbers/lists.
+        settings[key] = raw if isinstance(value, (dict, type(None))) else value
+    return settings
+
+
+def load_config(
+    path: str | None = None, params: Sequence[str] = (), addr: str | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[Config, list[str]]:
+    """Build the Config from defaults, the file, -p and -a; return it with warnings."""
+    env = os.environ if env is None else env
+    settings = _file_settings(read_config_file(path)) if path else {}
+    settings.update(_param_settings(params))
+    if addr is not None:
+        settings["addr"] = addr
+    warnings = []
+    values: dict[str, Any] = {"node_name": env.get("NODE_NAME", "")}
+    for key, raw in settings.items():
+        if key not in CONFIG_KEYS:
+            warnings.append(f"unknown config key {key!r} ignored")
+            continue
+        field, parse = CONFIG_KEYS[key]
+        try:
+            values[field] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"config key {key}: {exc}") from None
+    config = Config(**values)
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ConfigError("tls.cert-file and tls.key-file must be set together")
+    if config.tls_ca_file and not config.tls_enabled:
+        raise ConfigError("tls.ca-file needs tls.cert-file and tls.key-file")
+    parse_addr(config.addr)
+    return config, warnings
+
+
+def parse_addr(addr: str) -> str:
+    """Config addr -> gRPC bind target; ":PORT" binds every interface, IPv6 and IPv4."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"config key addr: expected HOST:PORT or :PORT, got {addr!r}")
+    if host in ("", "*"):
+        return f"[::]:{port}"
+    return addr
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, so log collectors can index the agent's own events."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower().replace("warning", "warn"),
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class PrettyLogFormatter(logging.Formatter):
+    """Human-readable lines for running the agent by hand."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        line = (f"{time.strftime('%H:%M:%S', time.localtime(record.created))} "
+                f"{record.levelname[:4]:<4} {record.getMessage()} {fields}").rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if config.logging_format == "json" else PrettyLogFormatter())
+    log.handlers[:] = [handler]
+    log.propagate = False
+    level = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+    log.setLevel(level[config.logging_level] if config.logging_enabled else logging.CRITICAL + 1)
+
+
+def log_event(level: int, msg: str, **fields: Any) -> None:
+    """Log one structured event; fields become JSON keys."""
+    if log.isEnabledFor(level):
+        log.log(level, msg, extra={"fields": fields})
+
+
+###############################################################################
+# Auth ########################################################################
+###############################################################################
+
+
+async def authorize(config: Config, metadata: Sequence[tuple[str, Any]], namespaces: Sequence[str],
+                    verb: str) -> None:
+    """Allow or refuse one RPC before it touches any file; raises RequestError to refuse.
+
+    `namespaces` empty means cluster-wide. With auth-mode none everything is allowed;
+    the token and identity modes arrive with the authorization issue.
+    """
+    if config.auth_mode == "none":
+        return
+    raise RequestError("INTERNAL", f"auth-mode {config.auth_mode} is not implemented")
+
+
+###############################################################################
+# Locating a file #############################################################
+###############################################################################
+
+_DNS1123_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9]{1,128}")
+_RUNTIME_PREFIX = re.compile(r"[a-z0-9.+-]{1,32}://")
+
+# kubelet cuts /var/log/containers names to 255 bytes: 251 + ".log" (pkg/kubelet/kuberuntime).
+_MAX_LOG_NAME = 251
+
+
+def log_file_name(namespace: str, pod_name: str, container_name: str, container_id: str) -> str:
+    """Validate the request's names and build the file name kubelet gives the log symlink.
+
+    Every field is checked against Kubernetes' own naming rules before any filesystem call,
+    so no field can smuggle a path separator, '..', or a NUL into the path.
+    """
+    container_id = _RUNTIME_PREFIX.sub("", container_id, count=1)
+    checks = (
+        ("namespace", namespace, _DNS1123_LABEL, 63, "a DNS-1123 label"),
+        ("pod_name", pod_name, _DNS1123_SUBDOMAIN, 253, "a DNS-1123 subdomain"),
+        ("container_name", container_name, _DNS1123_LABEL, 63, "a DNS-1123 label"),
+        ("container_id", container_id, _CONTAINER_ID, 128, "letters and digits"),
+    )
+    for field, value, pattern, max_len, what in checks:
+        if not value:
+            raise RequestError("INVALID_ARGUMENT", f"{field} is required")
+        if len(value) > max_len or not pattern.fullmatch(value):
+            raise RequestError("INVALID_ARGUMENT", f"{field} must be {what} of at most {max_len} characters")
+    return f"{pod_name}_{namespace}_{container_name}-{container_id}"[:_MAX_LOG_NAME] + ".log"
+
+
+def open_log_file(path: str) -> int:
+    """Open a log file read-only (following symlinks) and check that it is a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise _file_error(path, exc) from None
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise _file_error(path, exc) from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise RequestError("NOT_FOUND", f"log file not found: {path} is not a regular file")
+    return fd
+
+
+def _file_error(path: str, exc: OSError) -> RequestError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return RequestError(
+            "PERMISSION_DENIED",
+            f"the agent (uid {os.getuid()}) may not read {path}: {exc.strerror}; "
+            "check the permissions of the log directories on the node",
+        )
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+        return RequestError("NOT_FOUND", f"log file not found: {path}")
+    return RequestError("FAILED_PRECONDITION", f"cannot open {path}: {exc.strerror}")
+
+
+###############################################################################
+# Reading lines ###############################################################
+###############################################################################
+
+CRI, DOCKER = "cri", "docker"
+
+_RFC3339 = re.compile(
+    rb"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9})\d*)?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_seconds(date: bytes, clock: bytes) -> int:
+    """Seconds since the epoch of a UTC date and time; cached since log lines share seconds."""
+    year, month, day = int(date[0:4]), int(date[5:7]), int(date[8:10])
+    hour, minute, second = int(clock[0:2]), int(clock[3:5]), int(clock[6:8])
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1]
+            and hour < 24 and minute < 60 and second < 61):
+        raise ValueError("date out of range")
+    return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+
+
+def parse_timestamp_ns(text: bytes) -> int | None:
+    """RFC 3339 (0-9 fraction digits, Z or ±hh:mm) -> nanoseconds since the epoch, or None."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        return None
+    date, clock, fraction, _zulu, sign, off_h, off_m = match.groups()
+    try:
+        seconds = _epoch_seconds(date, clock)
+    except ValueError:
+        return None
+    if sign is not None:
+        offset = int(off_h) * 3600 + int(off_m) * 60
+        seconds -= offset if sign == b"+" else -offset
+    nanos = int(fraction.ljust(9, b"0")) if fraction else 0
+    return seconds * 1_000_000_000 + nanos
+
+
+def parse_request_time(value: str, field: str) -> int | None:
+    """A request's start_time/stop_time -> ns, None when empty; INVALID_ARGUMENT when unparseable."""
+    value = value.strip()
+    if not value:
+        return None
+    ns = parse_timestamp_ns(value.encode("utf-8", "replace"))
+    if ns is None:
+        raise RequestError("INVALID_ARGUMENT", f"{field} must be an RFC 3339 time such as "
+                           f"2024-01-02T15:04:05.123Z, got {value[:64]!r}")
+    return ns
+
+
+class Line(NamedTuple):
+    """One parsed log line: what a LogRecord carries, before chunking."""
+
+    timestamp_ns: int
+    message: bytes  # UTF-8 (possibly invalid) without the line terminator
+    is_final: bool
+
+
+def parse_cri_line(line: bytes) -> Line | None:
+    """`<ts> <stdout|stderr> <P|F>[:tags] <message>` -> Line, or None if it is not one."""
+    parts = line.split(b" ", 3)
+    if len(parts) < 3:
+        return None
+    ts = parse_timestamp_ns(parts[0])
+    if ts is None:
+        return None
+    tag = parts[2].split(b":", 1)[0]
+    return Line(ts, parts[3] if len(parts) == 4 else b"", tag != b"P")
+
+
+def parse_docker_line(line: bytes) -> Line | None:
+    """Docker json-file `{"log":…,"stream":…,"time":…}` -> Line, or None if it is not one."""
+    try:
+        entry = json.loads(line)
+        text, when = entry["log"], entry["time"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(text, str) or not isinstance(when, str):
+        return None
+    ts = parse_timestamp_ns(when.encode())
+    if ts is None:
+        return None
+    final = text.endswith("\n")
+    return Line(ts, (text[:-1] if final else text).encode("utf-8", "surrogatepass"), final)
+
+
+PARSERS: dict[str, Callable[[bytes], Line | None]] = {CRI: parse_cri_line, DOCKER: parse_docker_line}
+
+
+def detect_format(head: bytes) -> str:
+    """Docker json-file lines start with '{'; everything else is read as CRI."""
+    return DOCKER if head.lstrip()[:1] == b"{" else CRI
+
+
+def line_start_before(buf: Any, offset: int, floor: int = 0) -> int:
+    """Start of the line that contains byte offset-1's successor, i.e. the line holding `offset`."""
+    return buf.rfind(b"\n", floor, offset) + 1 or floor
+
+
+def line_end(buf: Any, offset: int, limit: int) -> tuple[int, int]:
+    """(end of content, start of next line) of the line starting at offset, within limit."""
+    newline = buf.find(b"\n", offset, limit)
+    if newline < 0:
+        return limit, limit
+    return newline, newline + 1
+
+
+def iter_lines(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(start, content end, next start) of each line in buf[start:end], oldest first."""
+    find = buf.find
+    pos = start
+    while pos < end:
+        newline = find(b"\n", pos, end)
+        if newline < 0:
+            yield pos, end, end
+            return
+        yield pos, newline, newline + 1
+        pos = newline + 1
+
+
+def iter_lines_backward(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(start, content end, next start) of each line in buf[start:end], newest first."""
+    rfind = buf.rfind
+    stop = end
+    if stop > start and buf[stop - 1] == 0x0A:
+        content_end = stop - 1
+    else:
+        content_end = stop
+    while stop > start:
+        line_begin = rfind(b"\n", start, content_end) + 1
+        if line_begin <= 0:
+            line_begin = start
+        yield line_begin, content_end, stop
+        stop = line_begin
+        content_end = stop - 1
+
+
+class LogView:
+    """A read-only window onto one log file: its mmap, size snapshot and format."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = os.fstat(fd).st_size
+        self.buf: Any = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else b""
+        if self.size:
+            self.buf.madvise(mmap.MADV_SEQUENTIAL) if hasattr(mmap, "MADV_SEQUENTIAL") else None
+        self.format = detect_format(self.buf[: min(self.size, 256)])
+        self.parse = PARSERS[self.format]
+
+    def close(self) -> None:
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+        self.buf = b""
+
+    def is_partial(self, start: int, content_end: int) -> bool:
+        """Whether the line buf[start:content_end] is a non-final chunk (P, or Docker without \\n)."""
+        if self.format == CRI:
+            # Cheap check on the tag field without parsing the timestamp.
+            first = self.buf.find(b" ", start, content_end)
+            second = self.buf.find(b" ", first + 1, content_end) if first >= 0 else -1
+            return second >= 0 and self.buf[second + 1: second + 2] == b"P" and \
+                self.buf[second + 2: second + 3] in (b" ", b":", b"")
+        line = self.parse(self.buf[start:content_end])
+        return line is not None and not line.is_final
+
+    def group_start(self, offset: int, floor: int = 0) -> int:
+        """Move a line-start offset back to the first chunk of the partial sequence it is in."""
+        while offset > floor:
+            prev = line_start_before(self.buf, offset - 1, floor)
+            if not self.is_partial(prev, offset - 1):
+                break
+            offset = prev
+        return offset
+
+    def group_end(self, offset: int, limit: int) -> int:
+        """Move a line-start offset forward past the F chunk that ends a partial sequence."""
+        while offset > 0 and offset < limit:
+            prev = line_start_before(self.buf, offset - 1)
+            if not self.is_partial(prev, offset - 1):
+                break
+            offset = line_end(self.buf, offset, limit)[1]
+        return offset
+
+    def find_offset_since(self, target_ns: int, lo: int, hi: int) -> int:
+        """First line start in [lo, hi) whose timestamp is >= target_ns (hi if none).
+
+        Binary search over byte offsets: O(log n) probes, each reading a line or two.
+        Lines without a timestamp are skipped by the probe; timestamps are assumed ordered.
+        """
+        buf, parse = self.buf, self.parse
+        while hi - lo > 65536:
+            mid = line_end(buf, (lo + hi) // 2, hi)[1]  # next line start after the midpoint
+            if mid >= hi:
+                break
+            probe = mid
+            while probe < hi:
+                content_end, next_start = line_end(buf, probe, hi)
+                parsed = parse(buf[probe:content_end])
+                if parsed is not None:
+                    break
+                probe = next_start
+            if probe >= hi or parsed is None or parsed.timestamp_ns >= target_ns:
+                hi = mid
+            else:
+                lo = next_start
+        for start, content_end, _next in iter_lines(buf, lo, hi):
+            parsed = parse(buf[start:content_end])
+            if parsed is not None and parsed.timestamp_ns >= target_ns:
+                return start
+        return hi
+
+    def window(self, start_ns: int | None, stop_ns: int | None, limit: int) -> tuple[int, int]:
+        """Byte range [begin, end) of the lines with start_ns <= timestamp <= stop_ns.
+
+        Never starts or ends inside a sequence of partial chunks.
+        """
+        begin, end = 0, limit
+        if start_ns is not None:
+            begin = self.group_start(self.find_offset_since(start_ns, 0, limit))
+        if stop_ns is not None:
+            end = self.group_end(self.find_offset_since(stop_ns + 1, begin, limit), limit)
+        return begin, max(begin, end)
+
+
+###############################################################################
+# Scanning ####################################################################
+###############################################################################
+
+_ANSI = rb"(?:\x1b\[[0-9;]*[mK])*"
+_ANSI_SPACE = rb"(?:" + _ANSI + rb"\s" + _ANSI + rb")"
+
+
+def ansi_tolerant(pattern: str) -> bytes:
+    """Make each literal space match one whitespace optionally wrapped in ANSI colour codes.
+
+    Spaces inside character classes and escaped characters other than '\\ ' are kept as
+    they are; everything else passes through to RE2 unchanged.
+    """
+    out = bytearray()
+    data = pattern.encode("utf-8")
+    i, in_class = 0, False
+    while i < len(data):
+        ch = data[i: i + 1]
+        if ch == b"\\" and i + 1 < len(data):
+            pair = data[i: i + 2]
+            out += _ANSI_SPACE if pair == b"\\ " and not in_class else pair
+            i += 2
+            continue
+        if in_class:
+            if ch == b"]":
+                in_class = False
+            out += ch
+        elif ch == b"[":
+            in_class = True
+            out += ch
+            # A ']' right after '[' or '[^' is a literal member of the class.
+            if data[i + 1: i + 2] == b"^":
+                out += b"^"
+                i += 1
+            if data[i + 1: i + 2] == b"]":
+                out += b"]"
+                i += 1
+        elif ch == b" ":
+            out += _ANSI_SPACE
+        else:
+            out += ch
+        i += 1
+    return bytes(out)
+
+
+# Anchors whose meaning changes when the pattern runs over whole lines instead of one message.
+_ANCHORS = re.compile(rb"\\[\\]|\\[Az]|[\^$]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grep:
+    """A compiled grep: the RE2 matcher plus whether it may scan raw lines as a prefilter."""
+
+    source: str
+    regex: Any  # re2._Regexp over bytes
+    prefilter: bool  # True: a match of `regex` anywhere in a line is a superset of message matches
+
+    def matches(self, message: bytes) -> bool:
+        return self.regex.search(message) is not None
+
+
+def compile_grep(pattern: str) -> Grep | None:
+    """The request's grep -> Grep (None when empty); INVALID_ARGUMENT with RE2's message."""
+    import re2
+
+    pattern = pattern.strip()
+    if not pattern:
+        return None
+    options = re2.Options()
+    options.never_nl = True  # a match never spans two lines of the file
+    options.log_errors = False
+    try:
+        regex = re2.compile(ansi_tolerant(pattern), options)
+    except re2.error as exc:
+        detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) \
+            else str(exc)
+        raise RequestError("INVALID_ARGUMENT", f"invalid grep pattern: {detail}") from None
+    # Strip escaped backslashes first so `\\$` is still seen as an anchor but `\$` is not.
+    stripped = re.sub(rb"\\[^Az]", b"", re.sub(rb"\\\\", b"", pattern.encode()))
+    return Grep(pattern, regex, prefilter=not _ANCHORS.search(stripped))
+
+
+def find_candidate_lines(buf: Any, start: int, end: int, grep: Grep) -> list[int]:
+    """Start offsets of the lines in buf[start:end] that the regex matches anywhere.
+
+    Runs in a worker thread: RE2 searches the mmap in C with the GIL released, so the
+    Python code here runs once per matching line, not once per line.
+    """
+    search = grep.regex.search
+    found = []
+    pos = start
+    while pos < end:
+        match = search(buf, pos, end)
+        if match is None:
+            break
+        hit = match.start()
+        found.append(buf.rfind(b"\n", start, hit) + 1 or start)
+        newline = buf.find(b"\n", match.end(), end)
+        if newline < 0:
+            break
+        pos = newline + 1
+    return found
+
+
+class Chunk(NamedTuple):
+    begin: int
+    end: int
+
+
+def plan_chunks(view: LogView, begin: int, end: int, backward: bool,
+                first: int = 256 << 10, largest: int = 16 << 20) -> Iterator[Chunk]:
+    """Cut [begin, end) into group-aligned chunks, small first so the first records come fast."""
+    size = first
+    if not backward:
+        pos = begin
+        while pos < end:
+            cut = end if end - pos <= size else view.group_end(line_end(view.buf, pos + size, end)[1], end)
+            yield Chunk(pos, cut)
+            pos = cut
+            size = min(size * 2, largest)
+    else:
+        pos = end
+        while pos > begin:
+            cut = begin if pos - begin <= size else view.group_start(
+                line_start_before(view.buf, pos - size, begin), begin)
+            if cut >= pos:  # one huge line: take it whole
+                cut = line_start_before(view.buf, pos - 1, begin)
+                cut = view.group_start(cut, begin)
+            yield Chunk(cut, pos)
+            pos = cut
+            size = min(size * 2, largest)
+
+
+###############################################################################
+# Records #####################################################################
+###############################################################################
+
+
+def split_message(message: bytes, max_bytes: int) -> list[bytes]:
+    """Cut a message into pieces of at most max_bytes, never inside a UTF-8 character."""
+    pieces = []
+    while len(message) > max_bytes:
+        cut = max_bytes
+        while cut > max_bytes - 4 and (message[cut] & 0xC0) == 0x80:
+            cut -= 1
+        pieces.append(message[:cut])
+        message = message[cut:]
+    pieces.append(message)
+    return pieces
+
+
+def line_records(line: Line, max_bytes: int) -> list[Line]:
+    """One line -> the records that carry it; oversized messages become P-style pieces."""
+    if len(line.message) <= max_bytes:
+        return [line]
+    pieces = split_message(line.message, max_bytes)
+    last = len(pieces) - 1
+    return [Line(line.timestamp_ns, p, line.is_final if i == last else False) for i, p in enumerate(pieces)]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def valid_utf8(message: bytes) -> bytes:
+    """Protobuf strings must be UTF-8: invalid bytes become U+FFFD."""
+    try:
+        message.decode("utf-8")
+        return message
+    except UnicodeDecodeError:
+        return message.decode("utf-8", "replace").encode("utf-8")
+
+
+def encode_log_record(line: Line) -> bytes:
+    """Serialize a LogRecord by hand: the hot path, and byte-identical to protobuf's output."""
+    seconds, nanos = divmod(line.timestamp_ns, 1_000_000_000)
+    ts = (b"\x08" + _varint(seconds & 0xFFFFFFFFFFFFFFFF) if seconds else b"") + \
+        (b"\x10" + _varint(nanos) if nanos else b"")
+    message = valid_utf8(line.message)
+    out = b"\x0a" + _varint(len(ts)) + ts
+    if message:
+        out += b"\x12" + _varint(len(message)) + message
+    if line.is_final:
+        out += b"\x18\x01"
+    return out
+
+
+def format_timestamp(ns: int) -> str:
+    """ns since the epoch -> RFC 3339 UTC with nine fraction digits."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
+
+
+def record_json(line: Line) -> str:
+    """The protobuf JSON mapping of a LogRecord, for the local CLI."""
+    return json.dumps({
+        "timestamp": format_timestamp(line.timestamp_ns),
+        "message": valid_utf8(line.message).decode("utf-8"),
+        "isFinal": line.is_final,
+    }, ensure_ascii=False)
+
+
+###############################################################################
+# Streaming ###################################################################
+###############################################################################
+
+NOOP, DEFAULT, END = 0, 1, 2  # FollowFrom
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+    """What one stream asks for, already validated."""
+
+    start_ns: int | None = None
+    stop_ns: int | None = None
+    grep: Grep | None = None
+    follow_from: int = NOOP
+    max_record_bytes: int = 1 << 20
+
+
+def stream_options(start_time: str, stop_time: str, grep: str, follow_from: int,
+                   max_record_bytes: int) -> StreamOptions:
+    """Validate a request's window, grep and follow mode (INVALID_ARGUMENT when bad)."""
+    if follow_from not in (NOOP, DEFAULT, END):
+        raise RequestError("INVALID_ARGUMENT", f"unknown follow_from value {follow_from}")
+    return StreamOptions(
+        start_ns=parse_request_time(start_time, "start_time"),
+        stop_ns=parse_request_time(stop_time, "stop_time"),
+        grep=compile_grep(grep),
+        follow_from=follow_from,
+        max_record_bytes=max_record_bytes,
+    )
+
+
+class GroupFilter:
+    """Applies the grep to whole messages: a P…P F sequence matches or not as one."""
+
+    def __init__(self, grep: Grep | None, max_pending: int = 64 << 20) -> None:
+        self.grep = grep
+        self.pending: list[Line] = []
+        self.pending_bytes = 0
+        self.max_pending = max_pending
+
+    def feed(self, line: Line) -> list[Line]:
+        """Add one line; return the lines (possibly several, possibly none) to emit now."""
+        if self.grep is None:
+            return [line]
+        if not line.is_final:
+            self.pending.append(line)
+            self.pending_bytes += len(line.message)
+            if self.pending_bytes <= self.max_pending:
+                return []
+            return self.flush()  # bounded memory: an endless partial sequence is judged in parts
+        group = self.pending + [line]
+        self.pending, self.pending_bytes = [], 0
+        message = line.message if len(group) == 1 else b"".join(p.message for p in group)
+        return group if self.grep.matches(message) else []
+
+    def flush(self) -> list[Line]:
+        group, self.pending, self.pending_bytes = self.pending, [], 0
+        if group and self.grep is not None and self.grep.matches(b"".join(p.message for p in group)):
+            return group
+        return []
+
+
+def _parse_range(view: LogView, start: int, end: int, options: StreamOptions) -> list[Line]:
+    """Parse and filter the whole groups in buf[start:end], oldest first."""
+    buf, parse = view.buf, view.parse
+    group = GroupFilter(options.grep)
+    out: list[Line] = []
+    for line_begin, content_end, _next in iter_lines(buf, start, end):
+        parsed = parse(buf[line_begin:content_end])
+        if parsed is not None:
+            out.extend(group.feed(parsed))
+    out.extend(group.flush())
+    return out
+
+
+def scan_chunk(view: LogView, chunk: Chunk, options: StreamOptions) -> list[Line]:
+    """All matching lines of one group-aligned chunk, oldest first (runs in a worker thread)."""
+    grep = options.grep
+    if grep is None or not grep.prefilter or view.format != CRI:
+        return _parse_range(view, chunk.begin, chunk.end, options)
+    out: list[Line] = []
+    done = chunk.begin  # everything before this offset has been judged
+    for hit in find_candidate_lines(view.buf, chunk.begin, chunk.end, grep):
+        if hit < done:
+            continue
+        group_begin = view.group_start(hit, chunk.begin)
+        group_end = line_end(view.buf, hit, chunk.end)[1]
+        group_end = view.group_end(group_end, chunk.end)
+        out.extend(_parse_range(view, max(group_begin, done), group_end, options))
+        done = group_end
+    return out
+
+
+class ScanPool:
+    """The process-wide thread pool that scans byte ranges in parallel (RE2 drops the GIL)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="scan")
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def scan_window(view: LogView, begin: int, end: int, options: StreamOptions, pool: ScanPool,
+                      backward: bool = False) -> AsyncIterator[Line]:
+    """Matching lines of [begin, end), in file order (reverse order when backward).
+
+    Chunks are scanned concurrently by the pool, at most `threads + 1` ahead of the consumer,
+    and their results are yielded strictly in order, so memory stays bounded.
+    """
+    loop = asyncio.get_running_loop()
+    chunks = plan_chunks(view, begin, end, backward)
+    inflight: collections.deque[concurrent.futures.Future[list[Line]]] = collections.deque()
+    try:
+        while True:
+            while len(inflight) <= pool.threads:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                inflight.append(pool.executor.submit(scan_chunk, view, chunk, options))
+            if not inflight:
+                return
+            lines = await asyncio.wrap_future(inflight[0], loop=loop)
+            inflight.popleft()
+            for line in (reversed(lines) if backward else lines):
+                yield line
+    finally:
+        # The workers read the mmap: let running ones finish before the caller closes it.
+        for future in inflight:
+            future.cancel()
+        concurrent.futures.wait(inflight)
+
+
+async def stream_records(path: str, options: StreamOptions, pool: ScanPool, backward: bool = False,
+                         follower: Follower | None = None,
+                         shutting_down: asyncio.Event | None = None) -> AsyncIterator[Line]:
+    """The records of one log file for one request: the window, then (maybe) the follow.
+
+    This is the whole LogRecordsService logic without gRPC; the CLI uses it too.
+    """
+    fd = await asyncio.to_thread(open_log_file, path)
+    view = None
+    try:
+        view = LogView(fd, path)
+        follow = not backward and options.follow_from != NOOP and options.stop_ns is None
+        size = view.size
+        if follow:
+            # A follow stream emits the unterminated last line once, when its newline arrives.
+            size = line_start_before(view.buf, size) if size else 0
+        if options.follow_from == END and not backward:
+            begin = end = size
+        else:
+            begin, end = view.window(options.start_ns, options.stop_ns, size)
+        if options.start_ns is not None and options.stop_ns is not None and options.start_ns > options.stop_ns:
+            begin = end
+        if begin < end:
+            async for line in scan_window(view, begin, end, options, pool, backward):
+                for record in line_records(line, options.max_record_bytes):
+                    yield record
+        if follow:
+            view.close()
+            follower = follower or Follower()
+            async for line in follow_file(path, fd, end, options, follower, shutting_down):
+                for record in line_records(line, options.max_record_bytes):
+                    yield record
+    finally:
+        if view is not None:
+            view.close()
+        os.close(fd)
+
+
+###############################################################################
+# Following ###################################################################
+###############################################################################
+
+
+class ShuttingDown(Exception):
+    """The server is stopping; follow streams end with UNAVAILABLE."""
+
+
+class Follower:
+    """One inotify instance for the process; kernel watches are shared per directory."""
+
+    MASK = 0
+
+    def __init__(self) -> None:
+        import inotify_simple
+
+        self.flags = inotify_simple.flags
+        self.mask = (self.flags.MODIFY | self.flags.CREATE | self.flags.DELETE | self.flags.MOVED_FROM
+                     | self.flags.MOVED_TO | self.flags.CLOSE_WRITE | self.flags.ATTRIB)
+        self.inotify: Any = None
+        self.watches: dict[str, int] = {}  # directory -> watch descriptor
+        self.waiters: dict[int, set[asyncio.Event]] = {}  # watch descriptor -> events to set
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _ensure_started(self) -> None:
+        import inotify_simple
+
+        if self.inotify is None:
+            self.inotify = inotify_simple.INotify(nonblocking=True)
+            self.loop = asyncio.get_running_loop()
+            self.loop.add_reader(self.inotify.fileno(), self._dispatch)
+
+    def _dispatch(self) -> None:
+        try:
+            events = self.inotify.read(timeout=0)
+        except BlockingIOError:
+            return
+        for event in events:
+            for waiter in self.waiters.get(event.wd, ()):
+                waiter.set()
+
+    def subscribe(self, directory: str, waiter: asyncio.Event) -> int:
+        """Wake `waiter` on any change in `directory`; returns the watch descriptor."""
+        self._ensure_started()
+        wd = self.watches.get(directory)
+        if wd is None:
+            try:
+                wd = self.inotify.add_watch(directory, self.mask)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise RequestError("RESOURCE_EXHAUSTED", "inotify watch limit reached; raise the "
+                                       "sysctl fs.inotify.max_user_watches") from None
+                raise _file_error(directory, exc) from None
+            self.watches[directory] = wd
+        self.waiters.setdefault(wd, set()).add(waiter)
+        return wd
+
+    def unsubscribe(self, directory: str, wd: int, waiter: asyncio.Event) -> None:
+        waiters = self.waiters.get(wd)
+        if waiters is None:
+            return
+        waiters.discard(waiter)
+        if not waiters:
+            del self.waiters[wd]
+            self.watches.pop(directory, None)
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:
+                pass  # the directory is gone; the kernel dropped the watch already
+
+    def watch_count(self) -> int:
+        return len(self.watches)
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.remove_reader(self.inotify.fileno())
+            self.inotify.close()
+            self.inotify = None
+            self.watches.clear()
+            self.waiters.clear()
+
+
+SAFETY_RECHECK_S = 1.0  # latency comes from inotify; this only guards against a lost event
+DELETED_GRACE_S = 5.0
+FOLLOW_READ_BYTES = 1 << 20
+
+
+async def follow_file(path: str, fd: int, offset: int, options: StreamOptions, follower: Follower,
+                      shutting_down: asyncio.Event | None) -> AsyncIterator[Line]:
+    """Lines appended to `path` from `offset` on, until cancelled, shut down, or deleted.
+
+    Survives rotation (rename + new file: finish the old file, continue the new one from its
+    start) and copytruncate (the file shrinks: continue from 0). `fd` stays owned by the caller;
+    files opened here after a rotation are closed here.
+    """
+    fmt: str | None = None
+    owned_fd: int | None = None
+    current_fd = fd
+    waiter = asyncio.Event()
+    directory = os.path.dirname(os.path.realpath(path))
+    wd = follower.subscribe(directory, waiter)
+    group = GroupFilter(options.grep)
+    deleted_since: float | None = None
+    shutdown_wait = asyncio.ensure_future(shutting_down.wait()) if shutting_down else None
+    try:
+        while True:
+            # Drain what is there now.
+            while True:
+                data = os.pread(current_fd, FOLLOW_READ_BYTES, offset)
+                if not data:
+                    break
+                last_newline = data.rfind(b"\n")
+                if last_newline < 0:
+                    if len(data) < FOLLOW_READ_BYTES:
+                        break  # an unterminated line: wait for its newline
+                    # A line longer than the read size: read on until its end appears.
+                    newline = _find_newline_after(current_fd, offset + len(data))
+                    if newline is None:
+                        break
+                    data = os.pread(current_fd, newline + 1 - offset, offset)
+                    last_newline = len(data) - 1
+                complete = data[: last_newline + 1]
+                offset += len(complete)
+                if fmt is None:
+                    fmt = detect_format(complete[:256])
+                parse = PARSERS[fmt]
+                for raw in complete.split(b"\n")[:-1]:
+                    line = parse(raw)
+                    if line is None or (options.start_ns is not None and line.timestamp_ns < options.start_ns):
+                        continue
+                    for out in group.feed(line):
+                        yield out
+            # Did the path move on to another file, shrink, or disappear?
+            try:
+                current = os.stat(path)
+            except OSError:
+                current = None
+            info = os.fstat(current_fd)
+            if current is None:
+                deleted_since = deleted_since or time.monotonic()
+                if time.monotonic() - deleted_since >= DELETED_GRACE_S:
+                    for out in group.flush():
+                        yield out
+                    return
+            else:
+                deleted_since = None
+                if (current.st_ino, current.st_dev) != (info.st_ino, info.st_dev):
+                    # Rotated: the old file was drained above (its last line is complete),
+                    # so continue at the start of the new one.
+                    new_fd = open_log_file(path)
+                    if owned_fd is not None:
+                        os.close(owned_fd)
+                    owned_fd = current_fd = new_fd
+                    offset = 0
+                    new_directory = os.path.dirname(os.path.realpath(path))
+                    if new_directory != directory:
+                        follower.unsubscribe(directory, wd, waiter)
+                        directory, wd = new_directory, follower.subscribe(new_directory, waiter)
+                    continue
+                if info.st_size < offset:
+                    offset = 0  # copytruncate
+                    continue
+            waiter.clear()
+            if shutdown_wait is not None and shutdown_wait.done():
+                raise ShuttingDown()
+            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(waiter.wait())}
+            if shutdown_wait is not None:
+                waits.add(shutdown_wait)
+            timeout = SAFETY_RECHECK_S if deleted_since is None else 0.25
+            done, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                if task is not shutdown_wait:
+                    task.cancel()
+            if shutdown_wait is not None and shutdown_wait.done():
+                raise ShuttingDown()
+    finally:
+        if shutdown_wait is not None:
+            shutdown_wait.cancel()
+        follower.unsubscribe(directory, wd, waiter)
+        if owned_fd is not None:
+            os.close(owned_fd)
+
+
+def _find_newline_after(fd: int, offset: int) -> int | None:
+    """Offset of the next newline at or after offset, reading in bounded blocks."""
+    while True:
+        data = os.pread(fd, FOLLOW_READ_BYTES, offset)
+        if not data:
+            return None
+        found = data.find(b"\n")
+        if found >= 0:
+            return offset + found
+        offset += len(data)
+
+
+###############################################################################
+# Servicers ###################################################################
+###############################################################################
+
+
+@dataclasses.dataclass
+class AgentState:
+    """What the servicers share: config, scan pool, inotify follower, shutdown flag."""
+
+    config: Config
+    pool: ScanPool
+    follower: Follower
+    shutting_down: asyncio.Event
+    active_streams: int = 0
+
+
+def _status(code: str) -> Any:
+    import grpc
+
+    return getattr(grpc.StatusCode, code)
+
+
+def stream_request_path(config: Config, request: Any) -> str:
+    """Validate a LogRecordsStreamRequest's names and return the log file path."""
+    name = log_file_name(request.namespace, request.pod_name, request.container_name, request.container_id)
+    return os.path.join(config.container_logs_dir, name)
+
+
+class LogRecordsServicer:
+    """gRPC face of stream_records: validate, authorize, stream, translate errors."""
+
+    def __init__(self, state: AgentState) -> None:
+        self.state = state
+
+    async def StreamForward(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        async for data in self._stream(request, context, backward=False):
+            yield data
+
+    async def StreamBackward(self, request: Any, context: Any) -> AsyncIterator[bytes]:
+        async for data in self._stream(request, context, backward=True):
+            yield data
+
+    async def _stream(self, request: Any, context: Any, backward: bool) -> AsyncIterator[bytes]:
+        state = self.state
+        method = "StreamBackward" if backward else "StreamForward"
+        state.active_streams += 1
+        try:
+            path = stream_request_path(state.config, request)
+            options = stream_options(request.start_time, request.stop_time, request.grep,
+                                     int(request.follow_from), state.config.max_record_bytes)
+            await authorize(state.config, context.invocation_metadata() or (), [request.namespace], "get")
+            log_event(logging.DEBUG, "stream started", method=method, path=path, grep=request.grep,
+                      start_time=request.start_time, stop_time=request.stop_time,
+                      follow_from=int(request.follow_from))
+            async for line in stream_records(path, options, state.pool, backward, state.follower,
+                                             state.shutting_down):
+                yield encode_log_record(line)
+        except RequestError as exc:
+            log_event(logging.DEBUG, "stream refused", method=method, code=exc.code, error=exc.message)
+            await context.abort(_status(exc.code), exc.message)
+        except ShuttingDown:
+            await context.abort(_status("UNAVAILABLE"), "server is shutting down")
+        except asyncio.CancelledError:
+            log_event(logging.DEBUG, "stream cancelled", method=method)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a client must get a status, never a traceback
+            if type(exc).__name__ == "AbortError":
+                raise
+            log.exception("stream failed", extra={"fields": {"method": method}})
+            await context.abort(_status("INTERNAL"), "internal error; see the agent's log")
+        finally:
+            state.active_streams -= 1
+
+
+class LogMetadataServicer:
+    """gRPC face of the log directory listing (List and Watch arrive with a later issue)."""
+
+    def __init__(self, state: AgentState) -> None:
+        self.state = state
+
+    async def List(self, request: Any, context: Any) -> Any:
+        await context.abort(_status("UNIMPLEMENTED"), "LogMetadataService.List is not implemented yet")
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await context.abort(_status("UNIMPLEMENTED"), "LogMetadataService.Watch is not implemented yet")
+        yield  # pragma: no cover - makes this an async generator
+
+
+###############################################################################
+# Server ######################################################################
+###############################################################################
+
+
+def _read_file_bytes(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def server_credentials(config: Config) -> Any:
+    """TLS credentials from the config; with tls.ca-file, clients must present a signed cert."""
+    import grpc
+
+    key = _read_file_bytes(config.tls_key_file, "tls.key-file")
+    cert = _read_file_bytes(config.tls_cert_file, "tls.cert-file")
+    ca = _read_file_bytes(config.tls_ca_file, "tls.ca-file") if config.tls_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _handlers(state: AgentState) -> list[Any]:
+    """Method handlers: LogRecord responses are pre-serialized bytes (see encode_log_record)."""
+    import grpc
+    from kubetail_agent_proto import cluster_agent_pb2 as pb
+
+    records = LogRecordsServicer(state)
+    metadata = LogMetadataServicer(state)
+    stream_request = pb.LogRecordsStreamRequest.FromString
+    return [
+        grpc.method_handlers_generic_handler("cluster_agent.LogRecordsService", {
+            "StreamForward": grpc.unary_stream_rpc_method_handler(
+                records.StreamForward, request_deserializer=stream_request),
+            "StreamBackward": grpc.unary_stream_rpc_method_handler(
+                records.StreamBackward, request_deserializer=stream_request),
+        }),
+        grpc.method_handlers_generic_handler("cluster_agent.LogMetadataService", {
+            "List": grpc.unary_unary_rpc_method_handler(
+                metadata.List, request_deserializer=pb.LogMetadataListRequest.FromString,
+                response_serializer=pb.LogMetadataList.SerializeToString),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                metadata.Watch, request_deserializer=pb.LogMetadataWatchRequest.FromString,
+                response_serializer=pb.LogMetadataWatchEvent.SerializeToString),
+        }),
+    ]
+
+
+async def serve(config: Config, ready: Callable[[int], None] | None = None) -> int:
+    """Run the agent until SIGINT/SIGTERM; returns the process exit code."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    loop = asyncio.get_running_loop()
+    state = AgentState(config, ScanPool(config.effective_scan_threads), Follower(), asyncio.Event())
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(_handlers(state))
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([
+        "cluster_agent.LogRecordsService", "cluster_agent.LogMetadataService",
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+    ], server)
+    target = parse_addr(config.addr)
+    try:
+        port = server.add_secure_port(target, server_credentials(config)) if config.tls_enabled \
+            else server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {config.addr}: {exc}") from None
+    if not port:
+        raise ConfigError(f"cannot listen on {config.addr}")
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log_event(logging.INFO, "serving", addr=config.addr, port=port, tls=config.tls_enabled,
+              mtls=bool(config.tls_ca_file), logs_dir=config.container_logs_dir,
+              auth_mode=config.auth_mode, scan_threads=state.pool.threads, version=__version__)
+    if ready is not None:
+        ready(port)
+    try:
+        await stop.wait()
+        log_event(logging.INFO, "shutting down", active_streams=state.active_streams,
+                  timeout_s=config.shutdown_timeout)
+        await health_servicer.enter_graceful_shutdown()
+        state.shutting_down.set()  # follow streams end now with UNAVAILABLE
+        await server.stop(grace=config.shutdown_timeout)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        state.follower.close()
+        state.pool.shutdown()
+    log_event(logging.INFO, "stopped")
+    return 0
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetail-agent", description="Kubetail cluster agent")
+    parser.add_argument("--version", action="version", version=f"kubetail-agent {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    serve_cmd = commands.add_parser("serve", help="run the gRPC agent (the default command)")
+    serve_cmd.add_argument("-c", "--config", help="config file (YAML, or JSON by .json extension)")
+    serve_cmd.add_argument("-a", "--addr", help="listen address, HOST:PORT or :PORT (overrides the file)")
+    serve_cmd.add_argument("-p", "--param", action="append", default=[], metavar="KEY:VALUE",
+                           help="set a config key, e.g. -p logging.level:debug (repeatable)")
+
+    for name, backward in (("stream-forward", False), ("stream-backward", True)):
+        cmd = commands.add_parser(name, help=f"print the records of a local log file, "
+                                             f"{'newest' if backward else 'oldest'} first, as JSON lines")
+        cmd.add_argument("path", help="a container log file (CRI or Docker json-file)")
+        cmd.add_argument("--grep", default="", help="RE2 regular expression matched against messages")
+        cmd.add_argument("--start-time", default="", help="RFC 3339 time, inclusive")
+        cmd.add_argument("--stop-time", default="", help="RFC 3339 time, inclusive")
+        cmd.add_argument("--max-record-bytes", default="1Mi", help="split longer messages (default 1Mi)")
+        if not backward:
+            cmd.add_argument("--follow-from", default="noop", choices=["noop", "default", "end"])
+    return parser
+
+
+_COMMANDS = ("serve", "stream-forward", "stream-backward")
+
+
+async def _print_records(args: argparse.Namespace, backward: bool) -> int:
+    follow = {"noop": NOOP, "default": DEFAULT, "end": END}[getattr(args, "follow_from", "noop")]
+    options = stream_options(args.start_time, args.stop_time, args.grep, follow, parse_size(args.max_record_bytes))
+    pool = ScanPool(Config().effective_scan_threads)
+    follower = Follower()
+    out = sys.stdout
+    try:
+        async for line in stream_records(args.path, options, pool, backward, follower):
+            out.write(record_json(line) + "\n")
+            if follow != NOOP:
+                out.flush()
+    finally:
+        follower.close()
+        pool.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")  # `serve` is the default: existing DaemonSet args work unchanged
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            config, warnings = load_config(args.config, args.param, args.addr)
+            setup_logging(config)
+            for warning in warnings:
+                log_event(logging.WARNING, warning)
+            return asyncio.run(serve(config))
+        return asyncio.run(_print_records(args, backward=args.command == "stream-backward"))
+    except ConfigError as exc:
+        print(f"kubetail-agent: {exc}", file=sys.stderr)
+        return 2
+    except RequestError as exc:
+        print(f"kubetail-agent: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Shared fixtures: a real agent process on a loopback port, real gRPC clients, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import yaml
+from kubetail_agent_proto import cluster_agent_pb2 as pb
+from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SAMPLE_LOGS = REPO / "tests" / "sample-logs" / "containers"
+
+# A fixed container id for files made by tests.
+CID = "0123456789abcdef"
+
+
+class AgentProcess:
+    """A running `kubetail-agent serve` child process and what it printed."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetail_agent", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._serving = threading.Event()
+        self.port = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("msg") == "serving":
+                self.port = int(event["port"])
+                self._serving.set()
+
+    def wait_serving(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while not self._serving.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("agent did not start:\n" + "\n".join(self.lines))
+        return self.port
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def write_config(path: pathlib.Path, settings: dict) -> pathlib.Path:
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+@pytest.fixture
+def logs_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "containers"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def start_agent(tmp_path: pathlib.Path) -> Iterator:
+    """start_agent(logs_dir, **config) -> running AgentProcess on 127.0.0.1:<free port>."""
+    started: list[AgentProcess] = []
+
+    def start(logs: pathlib.Path, extra_args: tuple[str, ...] = (), **settings: object) -> AgentProcess:
+        config = {"addr": "127.0.0.1:0", "container-logs-dir": str(logs), "auth-mode": "none",
+                  "logging": {"level": "debug"}, "shutdown-timeout": "5s"}
+        for key, value in settings.items():
+            config[key.replace("_", "-")] = value
+        cfg = write_config(tmp_path / f"config-{len(started)}.yaml", config)
+        agent = AgentProcess(["serve", "--config", str(cfg), *extra_args])
+        started.append(agent)
+        agent.wait_serving()
+        return agent
+
+    yield start
+    for agent in started:
+        agent.kill()
+
+
+@pytest.fixture
+def agent(start_agent, logs_dir: pathlib.Path) -> AgentProcess:
+    return start_agent(logs_dir)
+
+
+@pytest.fixture
+def channel(agent: AgentProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def records_stub(channel: grpc.Channel) -> pb_grpc.LogRecordsServiceStub:
+    return pb_grpc.LogRecordsServiceStub(channel)
+
+
+def log_path(logs: pathlib.Path, pod: str = "web-1", namespace: str = "default", container: str = "app",
+             cid: str = CID) -> pathlib.Path:
+    return logs / f"{pod}_{namespace}_{container}-{cid}.log"
+
+
+def stream_request(pod: str = "web-1", namespace: str = "default", container: str = "app", cid: str = CID,
+                   **fields: object) -> pb.LogRecordsStreamRequest:
+    return pb.LogRecordsStreamRequest(namespace=namespace, pod_name=pod, container_name=container,
+                                      container_id=f"containerd://{cid}", **fields)
+
+
+def records(stream: Iterator[pb.LogRecord]) -> list[tuple[str, str, bool]]:
+    """(RFC 3339 ns timestamp, message, is_final) of each record, for exact comparisons."""
+    out = []
+    for record in stream:
+        ts = record.timestamp
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts.seconds)) + f".{ts.nanos:09d}Z"
+        out.append((stamp, record.message, record.is_final))
+    return out
+
+
+def cri(ts: str, message: str, tag: str = "F", stream: str = "stdout") -> str:
+    return f"{ts} {stream} {tag} {message}\n"
+
+
+def docker(ts: str, log: str, stream: str = "stdout") -> str:
+    return json.dumps({"log": log, "stream": stream, "time": ts}) + "\n"

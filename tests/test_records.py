@@ -1,0 +1,154 @@
+"""LogRecordsService over real gRPC: windows, grep, directions, formats — exact expected records."""
+
+from __future__ import annotations
+
+import pathlib
+
+import grpc
+import pytest
+from conftest import cri, docker, log_path, records, stream_request
+from kubetail_agent_proto import cluster_agent_pb2 as pb
+
+T = "2024-05-01T10:00:0{}Z"
+
+# Ten CRI lines one second apart: message "line <i>".
+TEN = "".join(cri(T.format(i), f"line {i}") for i in range(10))
+
+
+def recs(*indices: int) -> list[tuple[str, str, bool]]:
+    return [(f"2024-05-01T10:00:0{i}.000000000Z", f"line {i}", True) for i in indices]
+
+
+WINDOW_CASES = [
+    # (name, request fields, expected indices)
+    ("everything", {}, list(range(10))),
+    ("window before the file", {"stop_time": "2024-05-01T09:00:00Z"}, []),
+    ("window after the file", {"start_time": "2024-05-01T11:00:00Z"}, []),
+    ("window inside", {"start_time": "2024-05-01T10:00:03.5Z", "stop_time": "2024-05-01T10:00:06.5Z"}, [4, 5, 6]),
+    ("boundaries inclusive", {"start_time": T.format(3), "stop_time": T.format(6)}, [3, 4, 5, 6]),
+    ("offset timezone", {"start_time": "2024-05-01T12:00:08+02:00"}, [8, 9]),
+    ("start after stop", {"start_time": T.format(6), "stop_time": T.format(3)}, []),
+    ("nanosecond boundary", {"start_time": "2024-05-01T10:00:02.000000001Z"}, list(range(3, 10))),
+    ("grep literal", {"grep": "line 7"}, [7]),
+    ("grep regex", {"grep": r"line [2-4]$"}, [2, 3, 4]),
+    ("grep never matches the prefix", {"grep": "stdout"}, []),
+    ("grep never matches the timestamp", {"grep": "10:00"}, []),
+    ("grep trimmed", {"grep": "  line 1  "}, [1]),
+    ("grep and window", {"grep": "line", "start_time": T.format(8)}, [8, 9]),
+    ("grep case sensitive", {"grep": "LINE 3"}, []),
+    ("grep (?i)", {"grep": "(?i)LINE 3"}, [3]),
+    ("grep anchored at message start", {"grep": "^line 5"}, [5]),
+]
+
+
+@pytest.mark.parametrize("name,fields,expected", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_forward_and_backward_windows(logs_dir: pathlib.Path, records_stub, name, fields, expected) -> None:
+    log_path(logs_dir).write_text(TEN)
+    forward = records(records_stub.StreamForward(stream_request(**fields), timeout=10))
+    backward = records(records_stub.StreamBackward(stream_request(**fields), timeout=10))
+    assert forward == recs(*expected)
+    assert backward == recs(*reversed(expected))
+
+
+def test_partial_lines_and_ansi(logs_dir: pathlib.Path, records_stub) -> None:
+    log_path(logs_dir).write_text(
+        cri("2024-05-01T10:00:00Z", "before")
+        + cri("2024-05-01T10:00:01Z", "hello \x1b[31mwor", "P")
+        + cri("2024-05-01T10:00:01.5Z", "ld\x1b[0m and more", "P")
+        + cri("2024-05-01T10:00:02Z", "end of message", "F")
+        + cri("2024-05-01T10:00:03Z", "after")
+    )
+    group = [("2024-05-01T10:00:01.000000000Z", "hello \x1b[31mwor", False),
+             ("2024-05-01T10:00:01.500000000Z", "ld\x1b[0m and more", False),
+             ("2024-05-01T10:00:02.000000000Z", "end of message", True)]
+    # A grep match in any chunk brings the whole message; ANSI codes around a space are tolerated.
+    assert records(records_stub.StreamForward(stream_request(grep="more"), timeout=10)) == group
+    assert records(records_stub.StreamForward(stream_request(grep="and more"), timeout=10)) == group
+    ansi = cri("2024-05-01T10:00:04Z", "hello \x1b[31mworld\x1b[0m")
+    with open(log_path(logs_dir), "a") as handle:
+        handle.write(ansi)
+    assert records(records_stub.StreamForward(stream_request(grep="hello world"), timeout=10)) == [
+        ("2024-05-01T10:00:04.000000000Z", "hello \x1b[31mworld\x1b[0m", True)]
+    # A window that starts inside the partial sequence starts at its first chunk,
+    # and one that ends inside it ends after its F chunk.
+    assert records(records_stub.StreamForward(
+        stream_request(start_time="2024-05-01T10:00:01.2Z", stop_time="2024-05-01T10:00:01.7Z"), timeout=10)) == group
+    assert records(records_stub.StreamBackward(stream_request(grep="more"), timeout=10)) == group[::-1]
+
+
+def test_docker_json_file(logs_dir: pathlib.Path, records_stub) -> None:
+    part = "x" * 16384
+    log_path(logs_dir).write_text(
+        docker("2024-05-01T10:00:00.1Z", 'say "hi" \\ \u003cok\u003e\n')
+        + docker("2024-05-01T10:00:01.25Z", part)
+        + docker("2024-05-01T10:00:01.25Z", "tail\n")
+        + docker("2024-05-01T10:00:02Z", "no newline at the end")
+        + "not json at all\n"
+        + docker("2024-05-01T10:00:03Z", "last\n")
+    )
+    got = records(records_stub.StreamForward(stream_request(), timeout=10))
+    assert got == [
+        ("2024-05-01T10:00:00.100000000Z", 'say "hi" \\ <ok>', True),
+        ("2024-05-01T10:00:01.250000000Z", part, False),
+        ("2024-05-01T10:00:01.250000000Z", "tail", True),
+        ("2024-05-01T10:00:02.000000000Z", "no newline at the end", False),
+        ("2024-05-01T10:00:03.000000000Z", "last", True),
+    ]
+    assert records(records_stub.StreamForward(stream_request(grep='"hi" \\\\ <ok>'), timeout=10)) == got[:1]
+    assert records(records_stub.StreamForward(stream_request(grep="tail"), timeout=10)) == got[1:3]
+
+
+def test_malformed_lines_empty_file_and_unterminated_tail(logs_dir: pathlib.Path, records_stub) -> None:
+    path = log_path(logs_dir)
+    path.write_text("")
+    assert records(records_stub.StreamForward(stream_request(), timeout=10)) == []
+    assert records(records_stub.StreamBackward(stream_request(), timeout=10)) == []
+    path.write_bytes(
+        b"garbage line\n"
+        + cri("2024-05-01T10:00:00Z", "one").encode()
+        + b"2024-13-45T10:00:00Z stdout F bad date\n"
+        + b"\n"
+        + b"2024-05-01T10:00:01.123456Z stderr F caf\xc3\xa9 \xff\xfe bytes\n"
+        + b"2024-05-01T10:00:02.5+00:00 stdout F\n"
+        + b"2024-05-01T10:00:03Z stdout P in progr"
+    )
+    expected = [
+        ("2024-05-01T10:00:00.000000000Z", "one", True),
+        ("2024-05-01T10:00:01.123456000Z", "caf\u00e9 \ufffd\ufffd bytes", True),
+        ("2024-05-01T10:00:02.500000000Z", "", True),
+        ("2024-05-01T10:00:03.000000000Z", "in progr", False),
+    ]
+    assert records(records_stub.StreamForward(stream_request(), timeout=10)) == expected
+    assert records(records_stub.StreamBackward(stream_request(), timeout=10)) == expected[::-1]
+
+
+def test_oversized_message_is_split(start_agent, logs_dir: pathlib.Path) -> None:
+    agent = start_agent(logs_dir, max_record_bytes="4Ki")
+    message = ("é" + "a" * 4095) * 3  # multibyte characters near every cut point
+    log_path(logs_dir).write_text(cri("2024-05-01T10:00:00Z", message) + cri("2024-05-01T10:00:01Z", "next"))
+    with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
+        from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
+
+        got = records(pb_grpc.LogRecordsServiceStub(channel).StreamForward(stream_request(), timeout=10))
+    pieces = [r for r in got if r[0].startswith("2024-05-01T10:00:00")]
+    assert "".join(p[1] for p in pieces) == message
+    assert all(len(p[1].encode()) <= 4096 for p in pieces)
+    assert [p[2] for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert got[-1] == ("2024-05-01T10:00:01.000000000Z", "next", True)
+
+
+def test_many_lines_in_order_across_chunks(logs_dir: pathlib.Path, records_stub) -> None:
+    # Enough data for several scan chunks, so parallel scanning must still keep order.
+    lines = [cri(f"2024-05-01T10:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z",
+                 f"entry {i} {'needle' if i % 997 == 0 else 'hay'} " + "x" * 100) for i in range(40000)]
+    log_path(logs_dir).write_text("".join(lines))
+    got = records(records_stub.StreamForward(stream_request(grep="needle"), timeout=30))
+    assert [int(m.split()[1]) for _, m, _ in got] == [i for i in range(40000) if i % 997 == 0]
+    got = records(records_stub.StreamBackward(stream_request(grep="needle"), timeout=30))
+    assert [int(m.split()[1]) for _, m, _ in got] == [i for i in range(40000) if i % 997 == 0][::-1]
+    everything = list(records_stub.StreamBackward(stream_request(), timeout=30))
+    assert len(everything) == 40000 and everything[0].message.startswith("entry 39999 ")
+
+
+def test_follow_from_enum_values_roundtrip() -> None:
+    assert pb.LogRecordsStreamRequest(follow_from=pb.END).follow_from == 2
