@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import errno
 import functools
+import itertools
 import json
 import logging
 import mmap
@@ -28,6 +29,7 @@ import re
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -692,16 +694,44 @@ def ansi_tolerant(pattern: str) -> bytes:
 
 
 # Anchors whose meaning changes when the pattern runs over whole lines instead of one message.
-_ANCHORS = re.compile(rb"\\[\\]|\\[Az]|[\^$]")
+_ANCHORS = re.compile(rb"\\[Az]|[\^$]")
+_ESCAPES = re.compile(rb"\\\\|\\[^Az]")  # escaped characters, except \A and \z
+_CLASSES = re.compile(rb"\[\^?\]?[^\]]*\]")  # [...] (a ^ or $ inside is no anchor)
 
 
-@dataclasses.dataclass(frozen=True)
 class Grep:
-    """A compiled grep: the RE2 matcher plus whether it may scan raw lines as a prefilter."""
+    """A validated grep pattern, compiled once per thread that uses it.
 
-    source: str
-    regex: Any  # re2._Regexp over bytes
-    prefilter: bool  # True: a match of `regex` anywhere in a line is a superset of message matches
+    RE2 objects share one DFA cache behind a lock: two threads searching with the same
+    object run no faster than one (measured: 0.36 s on one thread, 0.40 s on two, for a
+    character-class regex over 284 MiB). Each scan thread therefore gets its own object.
+    """
+
+    def __init__(self, source: str, compiled: bytes, options: Any) -> None:
+        self.source = source
+        self.compiled = compiled
+        self.options = options
+        # prefilter: a match anywhere in a raw line is a superset of the message matches,
+        # so whole byte ranges can be searched at once. Not so with ^, $, \A, \z.
+        stripped = _CLASSES.sub(b"", _ESCAPES.sub(b"", source.encode("utf-8")))
+        self.prefilter = not _ANCHORS.search(stripped)
+        self._local = threading.local()
+        self._slots = itertools.count()
+
+    @property
+    def regex(self) -> Any:
+        """This thread's RE2 object for the pattern."""
+        regex = getattr(self._local, "regex", None)
+        if regex is None:
+            import re2
+
+            options = re2.Options()
+            for name in re2.Options.NAMES:
+                setattr(options, name, getattr(self.options, name))
+            # re2.compile caches by (pattern, options): a distinct max_mem makes a distinct object.
+            options.max_mem = self.options.max_mem + next(self._slots)
+            regex = self._local.regex = re2.compile(self.compiled, options)
+        return regex
 
     def matches(self, message: bytes) -> bool:
         return self.regex.search(message) is not None
@@ -717,15 +747,14 @@ def compile_grep(pattern: str) -> Grep | None:
     options = re2.Options()
     options.never_nl = True  # a match never spans two lines of the file
     options.log_errors = False
+    compiled = ansi_tolerant(pattern)
     try:
-        regex = re2.compile(ansi_tolerant(pattern), options)
+        re2.compile(compiled, options)
     except re2.error as exc:
         detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) \
             else str(exc)
         raise RequestError("INVALID_ARGUMENT", f"invalid grep pattern: {detail}") from None
-    # Strip escaped backslashes first so `\\$` is still seen as an anchor but `\$` is not.
-    stripped = re.sub(rb"\\[^Az]", b"", re.sub(rb"\\\\", b"", pattern.encode()))
-    return Grep(pattern, regex, prefilter=not _ANCHORS.search(stripped))
+    return Grep(pattern, compiled, options)
 
 
 def find_candidate_lines(buf: Any, start: int, end: int, grep: Grep) -> list[int]:
@@ -997,6 +1026,7 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
     """
     fd = await asyncio.to_thread(open_log_file, path)
     view = None
+    own_follower = None
     try:
         view = LogView(fd, path)
         follow = not backward and options.follow_from != NOOP and options.stop_ns is None
@@ -1015,15 +1045,21 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
                 for record in line_records(line, options.max_record_bytes):
                     yield record
         if follow:
+            fmt = view.format if view.size else None
             view.close()
-            follower = follower or Follower()
-            async for line in follow_file(path, fd, end, options, follower, shutting_down):
+            if follower is None:
+                follower = own_follower = Follower()
+            handed_over, fd = fd, -1  # follow_file closes it (it may swap files on rotation)
+            async for line in follow_file(path, handed_over, end, fmt, options, follower, shutting_down):
                 for record in line_records(line, options.max_record_bytes):
                     yield record
     finally:
         if view is not None:
             view.close()
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+        if own_follower is not None:
+            own_follower.close()
 
 
 ###############################################################################
@@ -1115,100 +1151,20 @@ DELETED_GRACE_S = 5.0
 FOLLOW_READ_BYTES = 1 << 20
 
 
-async def follow_file(path: str, fd: int, offset: int, options: StreamOptions, follower: Follower,
-                      shutting_down: asyncio.Event | None) -> AsyncIterator[Line]:
-    """Lines appended to `path` from `offset` on, until cancelled, shut down, or deleted.
-
-    Survives rotation (rename + new file: finish the old file, continue the new one from its
-    start) and copytruncate (the file shrinks: continue from 0). `fd` stays owned by the caller;
-    files opened here after a rotation are closed here.
-    """
-    fmt: str | None = None
-    owned_fd: int | None = None
-    current_fd = fd
-    waiter = asyncio.Event()
-    directory = os.path.dirname(os.path.realpath(path))
-    wd = follower.subscribe(directory, waiter)
-    group = GroupFilter(options.grep)
-    deleted_since: float | None = None
-    shutdown_wait = asyncio.ensure_future(shutting_down.wait()) if shutting_down else None
-    try:
-        while True:
-            # Drain what is there now.
-            while True:
-                data = os.pread(current_fd, FOLLOW_READ_BYTES, offset)
-                if not data:
-                    break
-                last_newline = data.rfind(b"\n")
-                if last_newline < 0:
-                    if len(data) < FOLLOW_READ_BYTES:
-                        break  # an unterminated line: wait for its newline
-                    # A line longer than the read size: read on until its end appears.
-                    newline = _find_newline_after(current_fd, offset + len(data))
-                    if newline is None:
-                        break
-                    data = os.pread(current_fd, newline + 1 - offset, offset)
-                    last_newline = len(data) - 1
-                complete = data[: last_newline + 1]
-                offset += len(complete)
-                if fmt is None:
-                    fmt = detect_format(complete[:256])
-                parse = PARSERS[fmt]
-                for raw in complete.split(b"\n")[:-1]:
-                    line = parse(raw)
-                    if line is None or (options.start_ns is not None and line.timestamp_ns < options.start_ns):
-                        continue
-                    for out in group.feed(line):
-                        yield out
-            # Did the path move on to another file, shrink, or disappear?
-            try:
-                current = os.stat(path)
-            except OSError:
-                current = None
-            info = os.fstat(current_fd)
-            if current is None:
-                deleted_since = deleted_since or time.monotonic()
-                if time.monotonic() - deleted_since >= DELETED_GRACE_S:
-                    for out in group.flush():
-                        yield out
-                    return
-            else:
-                deleted_since = None
-                if (current.st_ino, current.st_dev) != (info.st_ino, info.st_dev):
-                    # Rotated: the old file was drained above (its last line is complete),
-                    # so continue at the start of the new one.
-                    new_fd = open_log_file(path)
-                    if owned_fd is not None:
-                        os.close(owned_fd)
-                    owned_fd = current_fd = new_fd
-                    offset = 0
-                    new_directory = os.path.dirname(os.path.realpath(path))
-                    if new_directory != directory:
-                        follower.unsubscribe(directory, wd, waiter)
-                        directory, wd = new_directory, follower.subscribe(new_directory, waiter)
-                    continue
-                if info.st_size < offset:
-                    offset = 0  # copytruncate
-                    continue
-            waiter.clear()
-            if shutdown_wait is not None and shutdown_wait.done():
-                raise ShuttingDown()
-            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(waiter.wait())}
-            if shutdown_wait is not None:
-                waits.add(shutdown_wait)
-            timeout = SAFETY_RECHECK_S if deleted_since is None else 0.25
-            done, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                if task is not shutdown_wait:
-                    task.cancel()
-            if shutdown_wait is not None and shutdown_wait.done():
-                raise ShuttingDown()
-    finally:
-        if shutdown_wait is not None:
-            shutdown_wait.cancel()
-        follower.unsubscribe(directory, wd, waiter)
-        if owned_fd is not None:
-            os.close(owned_fd)
+def read_complete_lines(fd: int, offset: int) -> tuple[list[bytes], int]:
+    """The complete ("\\n"-terminated) lines of fd from offset, at most ~1 MiB of them, and
+    the offset after them. A line longer than the read size is returned whole once complete."""
+    data = os.pread(fd, FOLLOW_READ_BYTES, offset)
+    last_newline = data.rfind(b"\n")
+    if last_newline < 0:
+        if len(data) < FOLLOW_READ_BYTES:
+            return [], offset  # nothing, or an unterminated line: wait for its newline
+        newline = _find_newline_after(fd, offset + len(data))
+        if newline is None:
+            return [], offset
+        data = os.pread(fd, newline + 1 - offset, offset)
+        last_newline = len(data) - 1
+    return data[:last_newline].split(b"\n"), offset + last_newline + 1
 
 
 def _find_newline_after(fd: int, offset: int) -> int | None:
@@ -1221,6 +1177,100 @@ def _find_newline_after(fd: int, offset: int) -> int | None:
         if found >= 0:
             return offset + found
         offset += len(data)
+
+
+async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options: StreamOptions,
+                      follower: Follower, shutting_down: asyncio.Event | None) -> AsyncIterator[Line]:
+    """Lines appended to `path` from `offset` on, until cancelled, shut down, or deleted.
+
+    Takes ownership of `fd`. Survives rotation (rename + new file: finish the old file,
+    continue the new one from its start) and copytruncate (the file shrinks: continue from 0).
+    """
+    waiter = asyncio.Event()
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        wd = follower.subscribe(directory, waiter)
+    except BaseException:
+        os.close(fd)
+        raise
+    group = GroupFilter(options.grep)
+    deleted_since: float | None = None
+    shutdown_wait = asyncio.ensure_future(shutting_down.wait()) if shutting_down else None
+
+    def parse_new(raw_lines: list[bytes]) -> list[Line]:
+        nonlocal fmt
+        if fmt is None and raw_lines:
+            fmt = detect_format(raw_lines[0][:256])
+        parse = PARSERS[fmt or CRI]
+        out: list[Line] = []
+        for raw in raw_lines:
+            line = parse(raw)
+            if line is not None and (options.start_ns is None or line.timestamp_ns >= options.start_ns):
+                out.extend(group.feed(line))
+        return out
+
+    try:
+        while True:
+            waiter.clear()  # events from here on wake the wait below
+            while True:  # drain what is there now, in bounded reads
+                raw_lines, offset = read_complete_lines(fd, offset)
+                if not raw_lines:
+                    break
+                for line in parse_new(raw_lines):
+                    yield line
+            try:
+                current: os.stat_result | None = os.stat(path)
+            except OSError:
+                current = None
+            info = os.fstat(fd)
+            if current is None:
+                deleted_since = deleted_since or time.monotonic()
+                if time.monotonic() - deleted_since >= DELETED_GRACE_S:
+                    for line in group.flush():
+                        yield line
+                    return
+            elif (current.st_ino, current.st_dev) != (info.st_ino, info.st_dev):
+                # Rotated. A writer may have appended to the old file after the drain above
+                # and before the new file appeared: drain it once more, then switch.
+                deleted_since = None
+                while True:
+                    raw_lines, offset = read_complete_lines(fd, offset)
+                    if not raw_lines:
+                        break
+                    for line in parse_new(raw_lines):
+                        yield line
+                new_fd = open_log_file(path)
+                os.close(fd)
+                fd, offset, fmt = new_fd, 0, None
+                new_directory = os.path.dirname(os.path.realpath(path))
+                if new_directory != directory:
+                    old_directory, old_wd = directory, wd
+                    wd, directory = follower.subscribe(new_directory, waiter), new_directory
+                    follower.unsubscribe(old_directory, old_wd, waiter)
+                continue
+            else:
+                deleted_since = None
+                if info.st_size < offset:
+                    offset = 0  # copytruncate
+                    continue
+            if waiter.is_set():
+                continue  # something changed while we were reading
+            if shutdown_wait is not None and shutdown_wait.done():
+                raise ShuttingDown()
+            wake = asyncio.ensure_future(waiter.wait())
+            waits: set[asyncio.Future[Any]] = {wake} | ({shutdown_wait} if shutdown_wait else set())
+            timeout = SAFETY_RECHECK_S if deleted_since is None else 0.25
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wake.cancel()
+            if shutdown_wait is not None and shutdown_wait.done():
+                raise ShuttingDown()
+    finally:
+        if shutdown_wait is not None:
+            shutdown_wait.cancel()
+        follower.unsubscribe(directory, wd, waiter)
+        os.close(fd)
 
 
 ###############################################################################
