@@ -1487,10 +1487,60 @@ def _build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--max-record-bytes", default="1Mi", help="split longer messages (default 1Mi)")
         if not backward:
             cmd.add_argument("--follow-from", default="noop", choices=["noop", "default", "end"])
+
+    client_cmd = commands.add_parser("client", help="query a running agent and print records as JSON lines")
+    client_cmd.add_argument("--addr", default="127.0.0.1:50051", help="agent address (default 127.0.0.1:50051)")
+    client_cmd.add_argument("--ca-file", help="verify the agent's TLS certificate with this CA (enables TLS)")
+    client_cmd.add_argument("--cert-file", help="client certificate for mTLS")
+    client_cmd.add_argument("--key-file", help="client key for mTLS")
+    client_cmd.add_argument("--server-name", help="TLS server name to verify (default: from --addr)")
+    client_cmd.add_argument("log_name", metavar="LOG_NAME",
+                            help="a file name as in /var/log/containers: POD_NAMESPACE_CONTAINER-ID.log")
+    client_cmd.add_argument("--grep", default="")
+    client_cmd.add_argument("--start-time", default="")
+    client_cmd.add_argument("--stop-time", default="")
+    client_cmd.add_argument("--backward", action="store_true", help="newest first (StreamBackward)")
+    client_cmd.add_argument("--follow-from", default="noop", choices=["noop", "default", "end"])
     return parser
 
 
-_COMMANDS = ("serve", "stream-forward", "stream-backward")
+_COMMANDS = ("serve", "stream-forward", "stream-backward", "client")
+_LOG_NAME = re.compile(r"(?P<pod>[^_/]+)_(?P<namespace>[^_/]+)_(?P<container>[^/]+)-(?P<container_id>[^-/]+)\.log")
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    """`kubetail-agent client`: one StreamForward/StreamBackward call, records as JSON lines."""
+    import grpc
+    from kubetail_agent_proto import cluster_agent_pb2 as pb
+    from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
+
+    match = _LOG_NAME.fullmatch(os.path.basename(args.log_name))
+    if match is None:
+        raise ConfigError(f"expected a log file name POD_NAMESPACE_CONTAINER-ID.log, got {args.log_name!r}")
+    request = pb.LogRecordsStreamRequest(
+        namespace=match["namespace"], pod_name=match["pod"], container_name=match["container"],
+        container_id=match["container_id"], grep=args.grep, start_time=args.start_time,
+        stop_time=args.stop_time, follow_from={"noop": NOOP, "default": DEFAULT, "end": END}[args.follow_from])
+    if args.ca_file:
+        read = functools.partial(_read_file_bytes, what="client TLS file")
+        credentials = grpc.ssl_channel_credentials(
+            read(args.ca_file), read(args.key_file) if args.key_file else None,
+            read(args.cert_file) if args.cert_file else None)
+        options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+        channel = grpc.secure_channel(args.addr, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.addr)
+    with channel:
+        stub = pb_grpc.LogRecordsServiceStub(channel)
+        call = stub.StreamBackward(request) if args.backward else stub.StreamForward(request)
+        try:
+            for record in call:
+                ts = record.timestamp.seconds * 1_000_000_000 + record.timestamp.nanos
+                print(record_json(Line(ts, record.message.encode(), record.is_final)), flush=True)
+        except grpc.RpcError as exc:
+            print(f"kubetail-agent: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
 
 
 async def _print_records(args: argparse.Namespace, backward: bool) -> int:
@@ -1522,6 +1572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for warning in warnings:
                 log_event(logging.WARNING, warning)
             return asyncio.run(serve(config))
+        if args.command == "client":
+            return _run_client(args)
         return asyncio.run(_print_records(args, backward=args.command == "stream-backward"))
     except ConfigError as exc:
         print(f"kubetail-agent: {exc}", file=sys.stderr)
