@@ -23,6 +23,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -109,8 +110,8 @@ def _parse_str(value: Any) -> str:
 def _parse_str_list(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
-    if isinstance(value, str):  # from -p key:a,b
-        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, str):  # from -p key:a,b or key:[a, b]
+        return tuple(v.strip(" '\"") for v in value.strip("[]").split(",") if v.strip(" '\""))
     if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
         return tuple(str(v) for v in value)
     raise ValueError(f"expected a list of strings, got {value!r}")
@@ -131,8 +132,8 @@ def parse_duration(value: Any) -> float:
         if not text or _DURATION_PART.sub("", text) != "":
             raise ValueError(f"expected a duration such as 30s, got {value!r}")
         seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
-    if seconds < 0:
-        raise ValueError(f"a duration cannot be negative: {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected a finite, non-negative duration, got {value!r}")
     return seconds
 
 
@@ -240,21 +241,16 @@ def _file_settings(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _param_settings(params: Sequence[str]) -> dict[str, Any]:
-    """-p key:value pairs; keys may carry the older `cluster-agent.` prefix."""
-    import yaml
+    """-p key:value pairs; keys may carry the older `cluster-agent.` prefix.
 
+    Values stay strings (each key's parser reads them): YAML would turn `1:30` into 90.
+    """
     settings: dict[str, Any] = {}
     for param in params:
         key, sep, raw = param.partition(":")
         if not sep or not key.strip():
             raise ConfigError(f"-p expects key:value, got {param!r}")
-        key = key.strip().removeprefix("cluster-agent.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        # A bare scalar such as 30s or a path stays a string; YAML only decides booleans/numbers/lists.
-        settings[key] = raw if isinstance(value, (dict, type(None))) else value
+        settings[key.strip().removeprefix("cluster-agent.")] = raw.strip()
     return settings
 
 
@@ -659,19 +655,29 @@ def ansi_tolerant(pattern: str) -> bytes:
     """Make each literal space match one whitespace optionally wrapped in ANSI colour codes.
 
     Spaces inside character classes and escaped characters other than '\\ ' are kept as
-    they are; everything else passes through to RE2 unchanged.
+    they are; inside \\Q…\\E a space closes the quote around the replacement. Everything
+    else passes through to RE2 unchanged.
     """
     out = bytearray()
     data = pattern.encode("utf-8")
-    i, in_class = 0, False
+    i, in_class, in_quote = 0, False, False
     while i < len(data):
         ch = data[i: i + 1]
-        if ch == b"\\" and i + 1 < len(data):
+        if in_quote:
+            if data[i: i + 2] == b"\\E":
+                in_quote = False
+                out += b"\\E"
+                i += 2
+                continue
+            out += (b"\\E" + _ANSI_SPACE + b"\\Q") if ch == b" " else ch
+        elif ch == b"\\" and i + 1 < len(data):
             pair = data[i: i + 2]
+            if pair == b"\\Q" and not in_class:
+                in_quote = True
             out += _ANSI_SPACE if pair == b"\\ " and not in_class else pair
             i += 2
             continue
-        if in_class:
+        elif in_class:
             if ch == b"]":
                 in_class = False
             out += ch
@@ -915,34 +921,38 @@ def stream_options(start_time: str, stop_time: str, grep: str, follow_from: int,
 
 
 class GroupFilter:
-    """Applies the grep to whole messages: a P…P F sequence matches or not as one."""
+    """Sends a P…P F sequence whole or not at all: whole if the grep matches any of its chunks.
+
+    The grep runs on each chunk's message (as the runtime wrote it, and as the RE2 prefilter
+    over raw lines sees it), so a match that straddles a split point is not found; a client
+    that gets one chunk of a message gets all of them.
+    """
 
     def __init__(self, grep: Grep | None, max_pending: int = 64 << 20) -> None:
         self.grep = grep
         self.pending: list[Line] = []
         self.pending_bytes = 0
+        self.pending_match = False
         self.max_pending = max_pending
 
     def feed(self, line: Line) -> list[Line]:
         """Add one line; return the lines (possibly several, possibly none) to emit now."""
         if self.grep is None:
             return [line]
-        if not line.is_final:
-            self.pending.append(line)
-            self.pending_bytes += len(line.message)
-            if self.pending_bytes <= self.max_pending:
-                return []
+        matched = self.pending_match or self.grep.matches(line.message)
+        if line.is_final and not self.pending:
+            return [line] if matched else []
+        self.pending.append(line)
+        self.pending_bytes += len(line.message)
+        self.pending_match = matched
+        if line.is_final or self.pending_bytes > self.max_pending:
             return self.flush()  # bounded memory: an endless partial sequence is judged in parts
-        group = self.pending + [line]
-        self.pending, self.pending_bytes = [], 0
-        message = line.message if len(group) == 1 else b"".join(p.message for p in group)
-        return group if self.grep.matches(message) else []
+        return []
 
     def flush(self) -> list[Line]:
-        group, self.pending, self.pending_bytes = self.pending, [], 0
-        if group and self.grep is not None and self.grep.matches(b"".join(p.message for p in group)):
-            return group
-        return []
+        group, matched = self.pending, self.pending_match
+        self.pending, self.pending_bytes, self.pending_match = [], 0, False
+        return group if matched else []
 
 
 def _parse_range(view: LogView, start: int, end: int, options: StreamOptions) -> list[Line]:
@@ -1042,7 +1052,8 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
             begin = end
         if begin < end:
             async for line in scan_window(view, begin, end, options, pool, backward):
-                for record in line_records(line, options.max_record_bytes):
+                pieces = line_records(line, options.max_record_bytes)
+                for record in (reversed(pieces) if backward else pieces):  # newest piece first
                     yield record
         if follow:
             fmt = view.format if view.size else None
@@ -1295,6 +1306,18 @@ def _status(code: str) -> Any:
     return getattr(grpc.StatusCode, code)
 
 
+def parse_stream_request(data: bytes) -> Any:
+    """Wire bytes -> LogRecordsStreamRequest; INVALID_ARGUMENT when they are not one."""
+    from google.protobuf.message import DecodeError
+
+    from kubetail_agent_proto import cluster_agent_pb2 as pb
+
+    try:
+        return pb.LogRecordsStreamRequest.FromString(data)
+    except DecodeError:
+        raise RequestError("INVALID_ARGUMENT", "request is not a LogRecordsStreamRequest") from None
+
+
 def stream_request_path(config: Config, request: Any) -> str:
     """Validate a LogRecordsStreamRequest's names and return the log file path."""
     name = log_file_name(request.namespace, request.pod_name, request.container_name, request.container_id)
@@ -1320,6 +1343,7 @@ class LogRecordsServicer:
         method = "StreamBackward" if backward else "StreamForward"
         state.active_streams += 1
         try:
+            request = parse_stream_request(request)
             path = stream_request_path(state.config, request)
             options = stream_options(request.start_time, request.stop_time, request.grep,
                                      int(request.follow_from), state.config.max_record_bytes)
@@ -1374,6 +1398,28 @@ def _read_file_bytes(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def check_tls_files(config: Config) -> None:
+    """Load the TLS files with the ssl module first: grpc reports bad ones only as a failed bind."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=config.tls_cert_file)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(f"tls.cert-file {config.tls_cert_file} holds no PEM certificate") from None
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except ssl.SSLError as exc:
+        reason = exc.reason or "unusable"
+        raise ConfigError(f"tls.key-file {config.tls_key_file} does not fit tls.cert-file "
+                          f"{config.tls_cert_file}: {reason}") from None
+    if config.tls_ca_file:
+        try:
+            context.load_verify_locations(cafile=config.tls_ca_file)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(f"tls.ca-file {config.tls_ca_file} holds no PEM certificate") from None
+
+
 def server_credentials(config: Config) -> Any:
     """TLS credentials from the config; with tls.ca-file, clients must present a signed cert."""
     import grpc
@@ -1381,17 +1427,21 @@ def server_credentials(config: Config) -> Any:
     key = _read_file_bytes(config.tls_key_file, "tls.key-file")
     cert = _read_file_bytes(config.tls_cert_file, "tls.cert-file")
     ca = _read_file_bytes(config.tls_ca_file, "tls.ca-file") if config.tls_ca_file else None
+    check_tls_files(config)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
 def _handlers(state: AgentState) -> list[Any]:
     """Method handlers: LogRecord responses are pre-serialized bytes (see encode_log_record)."""
     import grpc
+
     from kubetail_agent_proto import cluster_agent_pb2 as pb
 
     records = LogRecordsServicer(state)
     metadata = LogMetadataServicer(state)
-    stream_request = pb.LogRecordsStreamRequest.FromString
+    def stream_request(data: bytes) -> Any:
+        return data  # parsed in the servicer, so garbage is INVALID_ARGUMENT, not UNKNOWN
+
     return [
         grpc.method_handlers_generic_handler("cluster_agent.LogRecordsService", {
             "StreamForward": grpc.unary_stream_rpc_method_handler(
@@ -1511,6 +1561,7 @@ _LOG_NAME = re.compile(r"(?P<pod>[^_/]+)_(?P<namespace>[^_/]+)_(?P<container>[^/
 def _run_client(args: argparse.Namespace) -> int:
     """`kubetail-agent client`: one StreamForward/StreamBackward call, records as JSON lines."""
     import grpc
+
     from kubetail_agent_proto import cluster_agent_pb2 as pb
     from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
 
@@ -1562,6 +1613,9 @@ async def _print_records(args: argparse.Namespace, backward: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # grpc's C core prints its own lines on stderr (e.g. a failed bind); the agent logs those
+    # events itself, as one structured line. GRPC_VERBOSITY set by an operator still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")  # `serve` is the default: existing DaemonSet args work unchanged
     args = _build_parser().parse_args(argv)

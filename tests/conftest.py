@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import yaml
+
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
 
@@ -162,3 +163,19 @@ def cri(ts: str, message: str, tag: str = "F", stream: str = "stdout") -> str:
 
 def docker(ts: str, log: str, stream: str = "stdout") -> str:
     return json.dumps({"log": log, "stream": stream, "time": ts}) + "\n"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `python -m kubetail_agent ARGS` to completion, for commands that exit by themselves."""
+    return subprocess.run([sys.executable, "-m", "kubetail_agent", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def still_serves(agent: AgentProcess, channel: grpc.Channel, logs: pathlib.Path) -> None:
+    """Assert that `agent` is alive, answers a normal request, and has logged no internal error."""
+    assert agent.proc.poll() is None, "agent exited:\n" + "\n".join(agent.lines)
+    log_path(logs, pod="sanity-check").write_text(cri("2024-05-01T10:00:00Z", "still serving"))
+    stub = pb_grpc.LogRecordsServiceStub(channel)
+    got = records(stub.StreamForward(stream_request(pod="sanity-check"), timeout=10))
+    assert got == [("2024-05-01T10:00:00.000000000Z", "still serving", True)]
+    assert [e for e in agent.events() if e.get("level") == "error"] == []
