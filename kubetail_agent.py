@@ -1028,8 +1028,7 @@ async def scan_window(view: LogView, begin: int, end: int, options: StreamOption
 
 
 async def stream_records(path: str, options: StreamOptions, pool: ScanPool, backward: bool = False,
-                         follower: Follower | None = None,
-                         shutting_down: asyncio.Event | None = None) -> AsyncIterator[Line]:
+                         follower: Follower | None = None) -> AsyncIterator[Line]:
     """The records of one log file for one request: the window, then (maybe) the follow.
 
     This is the whole LogRecordsService logic without gRPC; the CLI uses it too.
@@ -1061,7 +1060,9 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
             if follower is None:
                 follower = own_follower = Follower()
             handed_over, fd = fd, -1  # follow_file closes it (it may swap files on rotation)
-            async for line in follow_file(path, handed_over, end, fmt, options, follower, shutting_down):
+            if options.follow_from == END:
+                options = dataclasses.replace(options, start_ns=None)  # END ignores start_time
+            async for line in follow_file(path, handed_over, end, fmt, options, follower):
                 for record in line_records(line, options.max_record_bytes):
                     yield record
     finally:
@@ -1076,10 +1077,6 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
 ###############################################################################
 # Following ###################################################################
 ###############################################################################
-
-
-class ShuttingDown(Exception):
-    """The server is stopping; follow streams end with UNAVAILABLE."""
 
 
 class Follower:
@@ -1191,7 +1188,7 @@ def _find_newline_after(fd: int, offset: int) -> int | None:
 
 
 async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options: StreamOptions,
-                      follower: Follower, shutting_down: asyncio.Event | None) -> AsyncIterator[Line]:
+                      follower: Follower) -> AsyncIterator[Line]:
     """Lines appended to `path` from `offset` on, until cancelled, shut down, or deleted.
 
     Takes ownership of `fd`. Survives rotation (rename + new file: finish the old file,
@@ -1206,7 +1203,6 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
         raise
     group = GroupFilter(options.grep)
     deleted_since: float | None = None
-    shutdown_wait = asyncio.ensure_future(shutting_down.wait()) if shutting_down else None
 
     def parse_new(raw_lines: list[bytes]) -> list[Line]:
         nonlocal fmt
@@ -1266,20 +1262,12 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
                     continue
             if waiter.is_set():
                 continue  # something changed while we were reading
-            if shutdown_wait is not None and shutdown_wait.done():
-                raise ShuttingDown()
-            wake = asyncio.ensure_future(waiter.wait())
-            waits: set[asyncio.Future[Any]] = {wake} | ({shutdown_wait} if shutdown_wait else set())
             timeout = SAFETY_RECHECK_S if deleted_since is None else 0.25
             try:
-                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                wake.cancel()
-            if shutdown_wait is not None and shutdown_wait.done():
-                raise ShuttingDown()
+                await asyncio.wait_for(waiter.wait(), timeout)
+            except TimeoutError:
+                pass
     finally:
-        if shutdown_wait is not None:
-            shutdown_wait.cancel()
         follower.unsubscribe(directory, wd, waiter)
         os.close(fd)
 
@@ -1298,6 +1286,7 @@ class AgentState:
     follower: Follower
     shutting_down: asyncio.Event
     active_streams: int = 0
+    follow_tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
 
 
 def _status(code: str) -> Any:
@@ -1330,20 +1319,19 @@ class LogRecordsServicer:
     def __init__(self, state: AgentState) -> None:
         self.state = state
 
-    async def StreamForward(self, request: Any, context: Any) -> AsyncIterator[bytes]:
-        async for data in self._stream(request, context, backward=False):
-            yield data
+    async def StreamForward(self, request: bytes, context: Any) -> None:
+        await self._stream(request, context, backward=False)
 
-    async def StreamBackward(self, request: Any, context: Any) -> AsyncIterator[bytes]:
-        async for data in self._stream(request, context, backward=True):
-            yield data
+    async def StreamBackward(self, request: bytes, context: Any) -> None:
+        await self._stream(request, context, backward=True)
 
-    async def _stream(self, request: Any, context: Any, backward: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, data: bytes, context: Any, backward: bool) -> None:
         state = self.state
         method = "StreamBackward" if backward else "StreamForward"
+        task = asyncio.current_task()
         state.active_streams += 1
         try:
-            request = parse_stream_request(request)
+            request = parse_stream_request(data)
             path = stream_request_path(state.config, request)
             options = stream_options(request.start_time, request.stop_time, request.grep,
                                      int(request.follow_from), state.config.max_record_bytes)
@@ -1351,23 +1339,27 @@ class LogRecordsServicer:
             log_event(logging.DEBUG, "stream started", method=method, path=path, grep=request.grep,
                       start_time=request.start_time, stop_time=request.stop_time,
                       follow_from=int(request.follow_from))
-            async for line in stream_records(path, options, state.pool, backward, state.follower,
-                                             state.shutting_down):
-                yield encode_log_record(line)
+            if not backward and options.follow_from != NOOP and options.stop_ns is None and task is not None:
+                # Endless: cancelled at shutdown, even while blocked sending to a slow client.
+                state.follow_tasks.add(task)
+                if state.shutting_down.is_set():
+                    raise asyncio.CancelledError()
+            write = context.write
+            async for line in stream_records(path, options, state.pool, backward, state.follower):
+                await write(encode_log_record(line))
         except RequestError as exc:
             log_event(logging.DEBUG, "stream refused", method=method, code=exc.code, error=exc.message)
             await context.abort(_status(exc.code), exc.message)
-        except ShuttingDown:
-            await context.abort(_status("UNAVAILABLE"), "server is shutting down")
         except asyncio.CancelledError:
+            if task in state.follow_tasks and state.shutting_down.is_set():
+                await context.abort(_status("UNAVAILABLE"), "server is shutting down")
             log_event(logging.DEBUG, "stream cancelled", method=method)
             raise
-        except Exception as exc:  # noqa: BLE001 - a client must get a status, never a traceback
-            if type(exc).__name__ == "AbortError":
-                raise
+        except Exception:  # noqa: BLE001 - a client must get a status, never a traceback
             log.exception("stream failed", extra={"fields": {"method": method}})
             await context.abort(_status("INTERNAL"), "internal error; see the agent's log")
         finally:
+            state.follow_tasks.discard(task)
             state.active_streams -= 1
 
 
@@ -1500,11 +1492,14 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
         log_event(logging.INFO, "shutting down", active_streams=state.active_streams,
                   timeout_s=config.shutdown_timeout)
         await health_servicer.enter_graceful_shutdown()
-        state.shutting_down.set()  # follow streams end now with UNAVAILABLE
+        state.shutting_down.set()
+        for task in list(state.follow_tasks):
+            task.cancel()  # follow streams end now with UNAVAILABLE
         await server.stop(grace=config.shutdown_timeout)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not kill a clean exit
         state.follower.close()
         state.pool.shutdown()
     log_event(logging.INFO, "stopped")
