@@ -6,6 +6,7 @@ import pathlib
 
 import grpc
 import pytest
+
 from conftest import cri, docker, log_path, records, stream_request
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 
@@ -152,3 +153,43 @@ def test_many_lines_in_order_across_chunks(logs_dir: pathlib.Path, records_stub)
 
 def test_follow_from_enum_values_roundtrip() -> None:
     assert pb.LogRecordsStreamRequest(follow_from=pb.END).follow_from == 2
+
+
+def _mapped_rss_kib(pid: int, path: str) -> int | None:
+    """Resident KiB of the agent's mapping of `path` (None when it is not mapped)."""
+    total, inside = None, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:
+                inside = fields[-1] == path
+            elif inside and fields[0] == "Rss:":
+                total = (total or 0) + int(fields[1])
+    return total
+
+
+def test_backward_tail_reads_only_the_end_of_a_large_file(agent, logs_dir: pathlib.Path, records_stub) -> None:
+    # 128 MiB of lines; a client that takes the newest 100 records and stops reading must not
+    # have made the agent touch the whole file. Measured as resident pages of the agent's mmap
+    # of that file while the stream is still open (no timing involved).
+    path = log_path(logs_dir)
+    line = cri("2024-05-01T10:00:00.123456789Z", "y" * 90).encode()
+    block = line * ((1 << 20) // len(line))
+    with open(path, "wb") as handle:
+        for _ in range(128):
+            handle.write(block)
+        handle.write(cri("2024-05-01T10:00:01Z", "newest").encode())
+    size_kib = path.stat().st_size // 1024
+    call = records_stub.StreamBackward(stream_request(), timeout=60)
+    first = [next(call) for _ in range(100)]
+    assert first[0].message == "newest"
+    real = str(path.resolve())
+    rss = None
+    for _ in range(50):  # the mapping exists from the first record on; read it while it is open
+        rss = _mapped_rss_kib(agent.proc.pid, real)
+        if rss is not None:
+            break
+    call.cancel()
+    assert rss is not None, "the agent did not map the file"
+    print(f"resident {rss} KiB of {size_kib} KiB")
+    assert rss < size_kib // 4, f"{rss} KiB of a {size_kib} KiB file resident after 100 records"
