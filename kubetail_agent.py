@@ -1028,14 +1028,14 @@ async def scan_window(view: LogView, begin: int, end: int, options: StreamOption
 
 
 async def stream_records(path: str, options: StreamOptions, pool: ScanPool, backward: bool = False,
-                         follower: Follower | None = None) -> AsyncIterator[Line]:
+                         inotify: InotifyHub | None = None) -> AsyncIterator[Line]:
     """The records of one log file for one request: the window, then (maybe) the follow.
 
     This is the whole LogRecordsService logic without gRPC; the CLI uses it too.
     """
     fd = await asyncio.to_thread(open_log_file, path)
     view = None
-    own_follower = None
+    own_inotify = None
     try:
         view = LogView(fd, path)
         follow = not backward and options.follow_from != NOOP and options.stop_ns is None
@@ -1057,12 +1057,12 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
         if follow:
             fmt = view.format if view.size else None
             view.close()
-            if follower is None:
-                follower = own_follower = Follower()
+            if inotify is None:
+                inotify = own_inotify = InotifyHub()
             handed_over, fd = fd, -1  # follow_file closes it (it may swap files on rotation)
             if options.follow_from == END:
                 options = dataclasses.replace(options, start_ns=None)  # END ignores start_time
-            async for line in follow_file(path, handed_over, end, fmt, options, follower):
+            async for line in follow_file(path, handed_over, end, fmt, options, inotify):
                 for record in line_records(line, options.max_record_bytes):
                     yield record
     finally:
@@ -1070,8 +1070,8 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
             view.close()
         if fd >= 0:
             os.close(fd)
-        if own_follower is not None:
-            own_follower.close()
+        if own_inotify is not None:
+            own_inotify.close()
 
 
 ###############################################################################
@@ -1079,26 +1079,41 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
 ###############################################################################
 
 
-class Follower:
-    """One inotify instance for the process; kernel watches are shared per directory."""
+class WatchLimitReached(RequestError):
+    """The kernel refused another inotify watch (fs.inotify.max_user_watches)."""
 
-    MASK = 0
+    def __init__(self, path: str) -> None:
+        super().__init__("RESOURCE_EXHAUSTED", f"inotify watch limit reached while watching {path}; raise the "
+                         "sysctl fs.inotify.max_user_watches on this node")
+
+
+InotifyCallback = Callable[[int, str], None]  # (event mask, name inside a watched directory)
+
+# One mask for every watch: inotify keeps one mask per inode, so differing masks would clash.
+_INOTIFY_MASK = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_Q_OVERFLOW, IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
+
+
+class InotifyHub:
+    """One inotify instance for the process; kernel watches are reference-counted and shared.
+
+    Any number of follow and metadata-watch streams on the same file or directory cost one
+    kernel watch; the hub fans each event out to their callbacks.
+    """
 
     def __init__(self) -> None:
-        import inotify_simple
-
-        self.flags = inotify_simple.flags
-        self.mask = (self.flags.MODIFY | self.flags.CREATE | self.flags.DELETE | self.flags.MOVED_FROM
-                     | self.flags.MOVED_TO | self.flags.CLOSE_WRITE | self.flags.ATTRIB)
         self.inotify: Any = None
-        self.watches: dict[str, int] = {}  # directory -> watch descriptor
-        self.waiters: dict[int, set[asyncio.Event]] = {}  # watch descriptor -> events to set
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.wd_by_path: dict[str, int] = {}
+        self.callbacks: dict[int, dict[int, InotifyCallback]] = {}  # wd -> token -> callback
+        self.tokens = itertools.count()
 
     def _ensure_started(self) -> None:
-        import inotify_simple
-
         if self.inotify is None:
+            import inotify_simple
+
             self.inotify = inotify_simple.INotify(nonblocking=True)
             self.loop = asyncio.get_running_loop()
             self.loop.add_reader(self.inotify.fileno(), self._dispatch)
@@ -1109,40 +1124,57 @@ class Follower:
         except BlockingIOError:
             return
         for event in events:
-            for waiter in self.waiters.get(event.wd, ()):
-                waiter.set()
+            if event.mask & IN_Q_OVERFLOW:  # events were lost: tell everybody to re-check
+                for callbacks in list(self.callbacks.values()):
+                    for callback in list(callbacks.values()):
+                        callback(event.mask, "")
+                continue
+            for callback in list(self.callbacks.get(event.wd, {}).values()):
+                callback(event.mask, event.name)
+            if event.mask & IN_IGNORED:  # the kernel dropped the watch (file gone)
+                self._forget(event.wd)
 
-    def subscribe(self, directory: str, waiter: asyncio.Event) -> int:
-        """Wake `waiter` on any change in `directory`; returns the watch descriptor."""
+    def _forget(self, wd: int) -> None:
+        self.callbacks.pop(wd, None)
+        for path in [p for p, w in self.wd_by_path.items() if w == wd]:
+            del self.wd_by_path[path]
+
+    def watch(self, path: str, callback: InotifyCallback) -> tuple[int, int]:
+        """Call `callback` on changes of `path` (a file, or a directory and its entries).
+
+        Returns a handle for unwatch(). Raises WatchLimitReached or a file RequestError.
+        """
         self._ensure_started()
-        wd = self.watches.get(directory)
+        wd = self.wd_by_path.get(path)
         if wd is None:
             try:
-                wd = self.inotify.add_watch(directory, self.mask)
+                wd = self.inotify.add_watch(path, _INOTIFY_MASK)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise RequestError("RESOURCE_EXHAUSTED", "inotify watch limit reached; raise the "
-                                       "sysctl fs.inotify.max_user_watches") from None
-                raise _file_error(directory, exc) from None
-            self.watches[directory] = wd
-        self.waiters.setdefault(wd, set()).add(waiter)
-        return wd
+                    log_event(logging.ERROR, "inotify watch limit reached", path=path,
+                              sysctl="fs.inotify.max_user_watches")
+                    raise WatchLimitReached(path) from None
+                raise _file_error(path, exc) from None
+            self.wd_by_path[path] = wd
+        token = next(self.tokens)
+        self.callbacks.setdefault(wd, {})[token] = callback
+        return wd, token
 
-    def unsubscribe(self, directory: str, wd: int, waiter: asyncio.Event) -> None:
-        waiters = self.waiters.get(wd)
-        if waiters is None:
+    def unwatch(self, handle: tuple[int, int]) -> None:
+        wd, token = handle
+        callbacks = self.callbacks.get(wd)
+        if callbacks is None:
             return
-        waiters.discard(waiter)
-        if not waiters:
-            del self.waiters[wd]
-            self.watches.pop(directory, None)
+        callbacks.pop(token, None)
+        if not callbacks:
+            self._forget(wd)
             try:
                 self.inotify.rm_watch(wd)
             except OSError:
-                pass  # the directory is gone; the kernel dropped the watch already
+                pass  # the file is gone; the kernel dropped the watch already
 
     def watch_count(self) -> int:
-        return len(self.watches)
+        return len(self.callbacks)
 
     def close(self) -> None:
         if self.inotify is not None:
@@ -1150,8 +1182,8 @@ class Follower:
                 self.loop.remove_reader(self.inotify.fileno())
             self.inotify.close()
             self.inotify = None
-            self.watches.clear()
-            self.waiters.clear()
+        self.wd_by_path.clear()
+        self.callbacks.clear()
 
 
 SAFETY_RECHECK_S = 1.0  # latency comes from inotify; this only guards against a lost event
@@ -1188,16 +1220,20 @@ def _find_newline_after(fd: int, offset: int) -> int | None:
 
 
 async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options: StreamOptions,
-                      follower: Follower) -> AsyncIterator[Line]:
+                      inotify: InotifyHub) -> AsyncIterator[Line]:
     """Lines appended to `path` from `offset` on, until cancelled, shut down, or deleted.
 
     Takes ownership of `fd`. Survives rotation (rename + new file: finish the old file,
     continue the new one from its start) and copytruncate (the file shrinks: continue from 0).
     """
     waiter = asyncio.Event()
+
+    def wake(_mask: int, _name: str) -> None:
+        waiter.set()
+
     directory = os.path.dirname(os.path.realpath(path))
     try:
-        wd = follower.subscribe(directory, waiter)
+        handle = inotify.watch(directory, wake)
     except BaseException:
         os.close(fd)
         raise
@@ -1251,9 +1287,9 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
                 fd, offset, fmt = new_fd, 0, None
                 new_directory = os.path.dirname(os.path.realpath(path))
                 if new_directory != directory:
-                    old_directory, old_wd = directory, wd
-                    wd, directory = follower.subscribe(new_directory, waiter), new_directory
-                    follower.unsubscribe(old_directory, old_wd, waiter)
+                    old_handle = handle
+                    handle, directory = inotify.watch(new_directory, wake), new_directory
+                    inotify.unwatch(old_handle)
                 continue
             else:
                 deleted_since = None
@@ -1268,7 +1304,7 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
             except TimeoutError:
                 pass
     finally:
-        follower.unsubscribe(directory, wd, waiter)
+        inotify.unwatch(handle)
         os.close(fd)
 
 
@@ -1279,11 +1315,11 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
 
 @dataclasses.dataclass
 class AgentState:
-    """What the servicers share: config, scan pool, inotify follower, shutdown flag."""
+    """What the servicers share: config, scan pool, inotify hub, shutdown flag."""
 
     config: Config
     pool: ScanPool
-    follower: Follower
+    inotify: InotifyHub
     shutting_down: asyncio.Event
     active_streams: int = 0
     follow_tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
@@ -1345,7 +1381,7 @@ class LogRecordsServicer:
                 if state.shutting_down.is_set():
                     raise asyncio.CancelledError()
             write = context.write
-            async for line in stream_records(path, options, state.pool, backward, state.follower):
+            async for line in stream_records(path, options, state.pool, backward, state.inotify):
                 await write(encode_log_record(line))
         except RequestError as exc:
             log_event(logging.DEBUG, "stream refused", method=method, code=exc.code, error=exc.message)
@@ -1459,7 +1495,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
     from grpc_reflection.v1alpha import reflection
 
     loop = asyncio.get_running_loop()
-    state = AgentState(config, ScanPool(config.effective_scan_threads), Follower(), asyncio.Event())
+    state = AgentState(config, ScanPool(config.effective_scan_threads), InotifyHub(), asyncio.Event())
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(_handlers(state))
     health_servicer = health.aio.HealthServicer()
@@ -1500,7 +1536,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # a second signal must not kill a clean exit
-        state.follower.close()
+        state.inotify.close()
         state.pool.shutdown()
     log_event(logging.INFO, "stopped")
     return 0
@@ -1593,15 +1629,15 @@ async def _print_records(args: argparse.Namespace, backward: bool) -> int:
     follow = {"noop": NOOP, "default": DEFAULT, "end": END}[getattr(args, "follow_from", "noop")]
     options = stream_options(args.start_time, args.stop_time, args.grep, follow, parse_size(args.max_record_bytes))
     pool = ScanPool(Config().effective_scan_threads)
-    follower = Follower()
+    inotify = InotifyHub()
     out = sys.stdout
     try:
-        async for line in stream_records(args.path, options, pool, backward, follower):
+        async for line in stream_records(args.path, options, pool, backward, inotify):
             out.write(record_json(line) + "\n")
             if follow != NOOP:
                 out.flush()
     finally:
-        follower.close()
+        inotify.close()
         pool.shutdown()
     return 0
 
