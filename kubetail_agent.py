@@ -1100,13 +1100,13 @@ class InotifyHub:
     """One inotify instance for the process; kernel watches are reference-counted and shared.
 
     Any number of follow and metadata-watch streams on the same file or directory cost one
-    kernel watch; the hub fans each event out to their callbacks.
+    kernel watch (the kernel returns the same descriptor for the same inode); the hub fans
+    each event out to their callbacks.
     """
 
     def __init__(self) -> None:
         self.inotify: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.wd_by_path: dict[str, int] = {}
         self.callbacks: dict[int, dict[int, InotifyCallback]] = {}  # wd -> token -> callback
         self.tokens = itertools.count()
 
@@ -1132,12 +1132,7 @@ class InotifyHub:
             for callback in list(self.callbacks.get(event.wd, {}).values()):
                 callback(event.mask, event.name)
             if event.mask & IN_IGNORED:  # the kernel dropped the watch (file gone)
-                self._forget(event.wd)
-
-    def _forget(self, wd: int) -> None:
-        self.callbacks.pop(wd, None)
-        for path in [p for p, w in self.wd_by_path.items() if w == wd]:
-            del self.wd_by_path[path]
+                self.callbacks.pop(event.wd, None)
 
     def watch(self, path: str, callback: InotifyCallback) -> tuple[int, int]:
         """Call `callback` on changes of `path` (a file, or a directory and its entries).
@@ -1145,17 +1140,14 @@ class InotifyHub:
         Returns a handle for unwatch(). Raises WatchLimitReached or a file RequestError.
         """
         self._ensure_started()
-        wd = self.wd_by_path.get(path)
-        if wd is None:
-            try:
-                wd = self.inotify.add_watch(path, _INOTIFY_MASK)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    log_event(logging.ERROR, "inotify watch limit reached", path=path,
-                              sysctl="fs.inotify.max_user_watches")
-                    raise WatchLimitReached(path) from None
-                raise _file_error(path, exc) from None
-            self.wd_by_path[path] = wd
+        try:
+            wd = self.inotify.add_watch(path, _INOTIFY_MASK)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                log_event(logging.ERROR, "inotify watch limit reached", path=path,
+                          sysctl="fs.inotify.max_user_watches")
+                raise WatchLimitReached(path) from None
+            raise _file_error(path, exc) from None
         token = next(self.tokens)
         self.callbacks.setdefault(wd, {})[token] = callback
         return wd, token
@@ -1167,7 +1159,7 @@ class InotifyHub:
             return
         callbacks.pop(token, None)
         if not callbacks:
-            self._forget(wd)
+            del self.callbacks[wd]
             try:
                 self.inotify.rm_watch(wd)
             except OSError:
@@ -1182,7 +1174,6 @@ class InotifyHub:
                 self.loop.remove_reader(self.inotify.fileno())
             self.inotify.close()
             self.inotify = None
-        self.wd_by_path.clear()
         self.callbacks.clear()
 
 
@@ -1418,6 +1409,31 @@ class LogMetadataServicer:
 ###############################################################################
 
 
+FOLLOW_STATUS_GRACE_S = 1.0
+
+
+async def drain(server: Any, state: AgentState, timeout: float) -> None:
+    """Stop accepting RPCs, end endless streams with UNAVAILABLE, let finite ones finish.
+
+    An endless stream whose client stopped reading cannot deliver its status (HTTP/2 flow
+    control holds it behind unsent records), so it must not hold the exit: once the finite
+    streams are done, endless ones get FOLLOW_STATUS_GRACE_S, then whatever is left is cut.
+    """
+    loop = asyncio.get_running_loop()
+    state.shutting_down.set()
+    for task in list(state.follow_tasks):
+        task.cancel()  # the handler answers UNAVAILABLE "server is shutting down"
+    stopping = asyncio.ensure_future(server.stop(grace=timeout))
+    deadline = loop.time() + timeout
+    while state.active_streams > len(state.follow_tasks) and loop.time() < deadline and not stopping.done():
+        await asyncio.sleep(0.05)
+    follow_deadline = min(deadline, loop.time() + FOLLOW_STATUS_GRACE_S)
+    while state.follow_tasks and loop.time() < follow_deadline and not stopping.done():
+        await asyncio.sleep(0.05)
+    await server.stop(grace=None)
+    await stopping
+
+
 def _read_file_bytes(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -1528,10 +1544,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
         log_event(logging.INFO, "shutting down", active_streams=state.active_streams,
                   timeout_s=config.shutdown_timeout)
         await health_servicer.enter_graceful_shutdown()
-        state.shutting_down.set()
-        for task in list(state.follow_tasks):
-            task.cancel()  # follow streams end now with UNAVAILABLE
-        await server.stop(grace=config.shutdown_timeout)
+        await drain(server, state, config.shutdown_timeout)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
