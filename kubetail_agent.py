@@ -1300,6 +1300,365 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
 
 
 ###############################################################################
+# Log metadata ################################################################
+###############################################################################
+
+# kubelet's /var/log/containers naming: <pod>_<namespace>_<container>-<container id>.log
+LOG_ENTRY_NAME = re.compile(r"(?P<pod>[^_]+)_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<container_id>[^-]+)\.log")
+
+
+class LogEntry(NamedTuple):
+    """One /var/log/containers entry, as its name describes it."""
+
+    name: str
+    pod: str
+    namespace: str
+    container: str
+    container_id: str
+
+
+class FileInfo(NamedTuple):
+    size: int
+    mtime_ns: int
+
+
+def parse_log_entry(name: str) -> LogEntry | None:
+    match = LOG_ENTRY_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return LogEntry(name, match["pod"], match["namespace"], match["container"], match["container_id"])
+
+
+def namespace_filter(namespaces: Sequence[str]) -> Callable[[str], bool]:
+    """Empty strings are ignored; no namespaces means all of them."""
+    wanted = frozenset(n for n in namespaces if n)
+    return (lambda _ns: True) if not wanted else wanted.__contains__
+
+
+def stat_log_file(path: str) -> FileInfo | None:
+    """Size and mtime of the regular file `path` resolves to; None if broken, gone or not a file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return FileInfo(info.st_size, info.st_mtime_ns)
+
+
+def _directory_error(directory: str, exc: OSError) -> RequestError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return RequestError("NOT_FOUND", f"container logs directory not found: {directory}")
+    return _file_error(directory, exc)
+
+
+def list_log_files(directory: str, namespaces: Sequence[str]) -> list[tuple[LogEntry, FileInfo]]:
+    """The matching entries of the logs directory with the size/mtime of what they point to."""
+    accept = namespace_filter(namespaces)
+    out = []
+    try:
+        with os.scandir(directory) as entries:
+            for dir_entry in entries:
+                entry = parse_log_entry(dir_entry.name)
+                if entry is None or not accept(entry.namespace):
+                    continue
+                info = stat_log_file(dir_entry.path)
+                if info is None:
+                    log_event(logging.DEBUG, "log entry skipped: broken link, gone, or not a file",
+                              name=dir_entry.name)
+                    continue
+                out.append((entry, info))
+    except OSError as exc:
+        raise _directory_error(directory, exc) from None
+    return out
+
+
+class MetadataEvent(NamedTuple):
+    type: str  # "ADDED" | "MODIFIED" | "DELETED"
+    entry: LogEntry
+    info: FileInfo | None  # None for DELETED
+
+
+class MetadataSubscriber:
+    """One Watch stream's view: its namespace filter and the events it has not sent yet.
+
+    A slow client does not make memory grow with time: events wait here coalesced, at most one
+    per entry (latest state wins; ADDED followed by MODIFIED stays ADDED).
+    """
+
+    def __init__(self, namespaces: Sequence[str]) -> None:
+        self.accept = namespace_filter(namespaces)
+        self.pending: collections.OrderedDict[str, MetadataEvent] = collections.OrderedDict()
+        self.ready = asyncio.Event()
+        self.error: RequestError | None = None
+
+    def push(self, event: MetadataEvent) -> None:
+        if not self.accept(event.entry.namespace):
+            return
+        previous = self.pending.pop(event.entry.name, None)
+        if previous is not None and previous.type == "ADDED":
+            if event.type == "DELETED":
+                return  # the client never saw it
+            event = event._replace(type="ADDED")
+        self.pending[event.entry.name] = event
+        self.ready.set()
+
+    def fail(self, error: RequestError) -> None:
+        self.error = error
+        self.ready.set()
+
+    async def next_events(self) -> list[MetadataEvent]:
+        await self.ready.wait()
+        self.ready.clear()
+        if self.error is not None:
+            raise self.error
+        events = list(self.pending.values())
+        self.pending.clear()
+        return events
+
+
+@dataclasses.dataclass
+class WatchedEntry:
+    """What the watcher tracks per log entry: its target's watch, last state sent, debounce."""
+
+    entry: LogEntry
+    path: str  # the entry in the logs directory (usually a symlink)
+    handle: tuple[int, int] | None = None  # inotify watch on the file the entry resolves to
+    inode: tuple[int, int] | None = None
+    sent: FileInfo | None = None  # state in the last event, None while absent
+    timer: asyncio.TimerHandle | None = None  # debounce window open
+    trailing: bool = False  # a change arrived inside the window
+
+
+class MetadataWatcher:
+    """Debounced ADDED/MODIFIED/DELETED events for the logs directory, shared by every Watch.
+
+    Started by the first subscriber and stopped with the last, so an idle agent holds no
+    watches: one on the directory and one per file its entries resolve to.
+    """
+
+    DEBOUNCE_S = 2.0
+    RETRY_S = 0.5  # re-resolve entries whose target is missing (e.g. between rotation steps)
+
+    def __init__(self, directory: str, inotify: InotifyHub) -> None:
+        self.directory = directory
+        self.inotify = inotify
+        self.subscribers: set[MetadataSubscriber] = set()
+        self.entries: dict[str, WatchedEntry] = {}
+        self.dir_handle: tuple[int, int] | None = None
+        self.unresolved: set[str] = set()
+        self.retry: asyncio.TimerHandle | None = None
+
+    # -- subscribers -----------------------------------------------------------------------
+
+    def subscribe(self, namespaces: Sequence[str]) -> MetadataSubscriber:
+        if not self.subscribers:
+            self._start()
+        subscriber = MetadataSubscriber(namespaces)
+        self.subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: MetadataSubscriber) -> None:
+        self.subscribers.discard(subscriber)
+        if not self.subscribers:
+            self._stop()
+
+    def _emit(self, event: MetadataEvent) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.push(event)
+
+    def _fail(self, error: RequestError) -> None:
+        """Never a silent partial watch: every stream ends with the error, the watcher resets."""
+        for subscriber in list(self.subscribers):
+            subscriber.fail(error)
+        self.subscribers.clear()
+        self._stop()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        try:
+            self.dir_handle = self.inotify.watch(self.directory, self._on_directory_event)
+            with os.scandir(self.directory) as listing:
+                names = [e.name for e in listing]
+            for name in names:
+                self._track(name, announce=False)
+        except OSError as exc:
+            self._stop()
+            raise _directory_error(self.directory, exc) from None
+        except RequestError as exc:
+            self._stop()
+            if exc.code == "NOT_FOUND":
+                raise RequestError("NOT_FOUND", f"container logs directory not found: {self.directory}") from None
+            raise
+
+    def _stop(self) -> None:
+        for watched in self.entries.values():
+            self._unwatch_target(watched)
+            if watched.timer is not None:
+                watched.timer.cancel()
+        self.entries.clear()
+        self.unresolved.clear()
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.dir_handle is not None:
+            self.inotify.unwatch(self.dir_handle)
+            self.dir_handle = None
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def _track(self, name: str, announce: bool) -> None:
+        """Start tracking a new directory entry; ADDED once it resolves to a file."""
+        entry = parse_log_entry(name)
+        if entry is None or name in self.entries:
+            return
+        watched = WatchedEntry(entry, os.path.join(self.directory, name))
+        self.entries[name] = watched
+        self._resolve(watched, announce)
+
+    def _untrack(self, name: str) -> None:
+        watched = self.entries.pop(name, None)
+        if watched is None:
+            return
+        self._unwatch_target(watched)
+        self.unresolved.discard(name)
+        if watched.timer is not None:
+            watched.timer.cancel()
+        if watched.sent is not None:
+            self._emit(MetadataEvent("DELETED", watched.entry, None))
+
+    def _unwatch_target(self, watched: WatchedEntry) -> None:
+        if watched.handle is not None:
+            self.inotify.unwatch(watched.handle)
+            watched.handle = None
+            watched.inode = None
+
+    def _resolve(self, watched: WatchedEntry, announce: bool) -> None:
+        """(Re)attach the watch to the file the entry points to now; emit what changed."""
+        try:
+            target = os.path.realpath(watched.path)
+            info = os.stat(target)
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            self._unwatch_target(watched)
+            self._schedule_retry(watched.entry.name)
+            if watched.sent is not None:  # it was there: the entry's file is gone
+                watched.sent = None
+                self._emit(MetadataEvent("DELETED", watched.entry, None))
+            return
+        inode = (info.st_dev, info.st_ino)
+        if inode != watched.inode:
+            old = watched.handle
+            watched.handle = self.inotify.watch(target, functools.partial(self._on_file_event, watched))
+            watched.inode = inode
+            if old is not None and old != watched.handle:
+                self.inotify.unwatch(old)
+        self.unresolved.discard(watched.entry.name)
+        current = FileInfo(info.st_size, info.st_mtime_ns)
+        if watched.sent is None:
+            watched.sent = current
+            if announce:
+                self._emit(MetadataEvent("ADDED", watched.entry, current))
+        elif current != watched.sent:
+            self._changed(watched)
+
+    def _schedule_retry(self, name: str) -> None:
+        self.unresolved.add(name)
+        if self.retry is None:
+            self.retry = asyncio.get_running_loop().call_later(self.RETRY_S, self._retry_unresolved)
+
+    def _retry_unresolved(self) -> None:
+        self.retry = None
+        for name in list(self.unresolved):
+            self.unresolved.discard(name)
+            watched = self.entries.get(name)
+            if watched is not None:
+                self._guarded(self._resolve, watched, True)
+
+    def _guarded(self, action: Callable[..., None], *args: Any) -> None:
+        """Run a watcher step from an inotify callback; a watch limit ends every stream."""
+        try:
+            action(*args)
+        except WatchLimitReached as exc:
+            self._fail(exc)
+        except RequestError as exc:  # e.g. the file vanished between realpath and add_watch
+            log_event(logging.DEBUG, "log entry not watched", error=exc.message)
+
+    # -- inotify ---------------------------------------------------------------------------
+
+    def _on_directory_event(self, mask: int, name: str) -> None:
+        if mask & IN_Q_OVERFLOW:
+            self._guarded(self._rescan)
+        elif mask & (IN_CREATE | IN_MOVED_TO):
+            self._guarded(self._track, name, True)
+        elif mask & (IN_DELETE | IN_MOVED_FROM):
+            self._untrack(name)
+        elif mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+            self._fail(RequestError("NOT_FOUND", f"container logs directory {self.directory} was removed"))
+
+    def _on_file_event(self, watched: WatchedEntry, mask: int, _name: str) -> None:
+        if watched.entry.name not in self.entries:
+            return
+        if mask & (IN_MOVE_SELF | IN_DELETE_SELF | IN_IGNORED):
+            # Rotated or removed: the entry may point to a new file already, or soon.
+            self._guarded(self._resolve, watched, True)
+        elif mask & (IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB):
+            self._changed(watched)
+
+    def _rescan(self) -> None:
+        """After lost events: reconcile the tracked entries with the directory."""
+        with os.scandir(self.directory) as listing:
+            names = {e.name for e in listing}
+        for name in list(self.entries):
+            if name not in names:
+                self._untrack(name)
+        for name in names:
+            if name in self.entries:
+                self._resolve(self.entries[name], True)
+            else:
+                self._track(name, True)
+
+    # -- debounce --------------------------------------------------------------------------
+
+    def _changed(self, watched: WatchedEntry) -> None:
+        """Leading + trailing debounce: the first change of a quiet file is sent at once."""
+        if watched.timer is not None:
+            watched.trailing = True
+            return
+        self._send_modified(watched)
+        watched.timer = asyncio.get_running_loop().call_later(self.DEBOUNCE_S, self._window_closed, watched)
+
+    def _window_closed(self, watched: WatchedEntry) -> None:
+        watched.timer = None
+        if watched.trailing and watched.entry.name in self.entries:
+            watched.trailing = False
+            self._changed(watched)
+
+    def _send_modified(self, watched: WatchedEntry) -> None:
+        info = stat_log_file(watched.path)
+        if info is None or watched.sent is None or info == watched.sent:
+            return  # one change, one event: raw events that changed nothing are dropped
+        watched.sent = info
+        self._emit(MetadataEvent("MODIFIED", watched.entry, info))
+
+
+def metadata_message(entry: LogEntry, info: FileInfo | None, node_name: str) -> Any:
+    """LogEntry + FileInfo -> cluster_agent.LogMetadata."""
+    from kubetail_agent_proto import cluster_agent_pb2 as pb
+
+    message = pb.LogMetadata(id=entry.container_id, spec=pb.LogMetadataSpec(
+        node_name=node_name, namespace=entry.namespace, pod_name=entry.pod,
+        container_name=entry.container, container_id=entry.container_id))
+    if info is not None:
+        message.fileInfo.size = info.size
+        message.fileInfo.last_modified_at.seconds, message.fileInfo.last_modified_at.nanos = \
+            divmod(info.mtime_ns, 1_000_000_000)
+    return message
+
+
+###############################################################################
 # Servicers ###################################################################
 ###############################################################################
 
@@ -1312,6 +1671,7 @@ class AgentState:
     pool: ScanPool
     inotify: InotifyHub
     shutting_down: asyncio.Event
+    metadata: MetadataWatcher
     active_streams: int = 0
     follow_tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
 
@@ -1322,16 +1682,18 @@ def _status(code: str) -> Any:
     return getattr(grpc.StatusCode, code)
 
 
-def parse_stream_request(data: bytes) -> Any:
-    """Wire bytes -> LogRecordsStreamRequest; INVALID_ARGUMENT when they are not one."""
+def parse_request(message_type: Any, data: bytes) -> Any:
+    """Wire bytes -> a request message; INVALID_ARGUMENT when they are not one.
+
+    Requests are parsed here rather than by grpc, which would answer garbage with UNKNOWN
+    and a Python class name.
+    """
     from google.protobuf.message import DecodeError
 
-    from kubetail_agent_proto import cluster_agent_pb2 as pb
-
     try:
-        return pb.LogRecordsStreamRequest.FromString(data)
+        return message_type.FromString(data)
     except DecodeError:
-        raise RequestError("INVALID_ARGUMENT", "request is not a LogRecordsStreamRequest") from None
+        raise RequestError("INVALID_ARGUMENT", f"request is not a {message_type.__name__}") from None
 
 
 def stream_request_path(config: Config, request: Any) -> str:
@@ -1353,12 +1715,14 @@ class LogRecordsServicer:
         await self._stream(request, context, backward=True)
 
     async def _stream(self, data: bytes, context: Any, backward: bool) -> None:
+        from kubetail_agent_proto import cluster_agent_pb2 as pb
+
         state = self.state
         method = "StreamBackward" if backward else "StreamForward"
         task = asyncio.current_task()
         state.active_streams += 1
         try:
-            request = parse_stream_request(data)
+            request = parse_request(pb.LogRecordsStreamRequest, data)
             path = stream_request_path(state.config, request)
             options = stream_options(request.start_time, request.stop_time, request.grep,
                                      int(request.follow_from), state.config.max_record_bytes)
@@ -1391,17 +1755,62 @@ class LogRecordsServicer:
 
 
 class LogMetadataServicer:
-    """gRPC face of the log directory listing (List and Watch arrive with a later issue)."""
+    """gRPC face of list_log_files and MetadataWatcher: authorize, then list or stream."""
 
     def __init__(self, state: AgentState) -> None:
         self.state = state
 
-    async def List(self, request: Any, context: Any) -> Any:
-        await context.abort(_status("UNIMPLEMENTED"), "LogMetadataService.List is not implemented yet")
+    async def List(self, data: bytes, context: Any) -> Any:
+        from kubetail_agent_proto import cluster_agent_pb2 as pb
 
-    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        await context.abort(_status("UNIMPLEMENTED"), "LogMetadataService.Watch is not implemented yet")
-        yield  # pragma: no cover - makes this an async generator
+        state = self.state
+        try:
+            request = parse_request(pb.LogMetadataListRequest, data)
+            namespaces = [n for n in request.namespaces if n]
+            await authorize(state.config, context.invocation_metadata() or (), namespaces, "get")
+            found = await asyncio.to_thread(list_log_files, state.config.container_logs_dir, namespaces)
+        except RequestError as exc:
+            log_event(logging.DEBUG, "list refused", code=exc.code, error=exc.message)
+            await context.abort(_status(exc.code), exc.message)
+        node = state.config.node_name
+        return pb.LogMetadataList(items=[metadata_message(entry, info, node) for entry, info in found])
+
+    async def Watch(self, data: bytes, context: Any) -> None:
+        from kubetail_agent_proto import cluster_agent_pb2 as pb
+
+        state = self.state
+        task = asyncio.current_task()
+        subscriber = None
+        state.active_streams += 1
+        try:
+            request = parse_request(pb.LogMetadataWatchRequest, data)
+            namespaces = [n for n in request.namespaces if n]
+            await authorize(state.config, context.invocation_metadata() or (), namespaces, "get")
+            subscriber = state.metadata.subscribe(namespaces)
+            if task is not None:
+                state.follow_tasks.add(task)  # endless: cancelled at shutdown
+                if state.shutting_down.is_set():
+                    raise asyncio.CancelledError()
+            node = state.config.node_name
+            while True:
+                for event in await subscriber.next_events():
+                    await context.write(pb.LogMetadataWatchEvent(
+                        type=event.type, object=metadata_message(event.entry, event.info, node)))
+        except RequestError as exc:
+            log_event(logging.DEBUG, "watch refused", code=exc.code, error=exc.message)
+            await context.abort(_status(exc.code), exc.message)
+        except asyncio.CancelledError:
+            if task in state.follow_tasks and state.shutting_down.is_set():
+                await context.abort(_status("UNAVAILABLE"), "server is shutting down")
+            raise
+        except Exception:  # noqa: BLE001 - a client must get a status, never a traceback
+            log.exception("watch failed")
+            await context.abort(_status("INTERNAL"), "internal error; see the agent's log")
+        finally:
+            if subscriber is not None:
+                state.metadata.unsubscribe(subscriber)
+            state.follow_tasks.discard(task)
+            state.active_streams -= 1
 
 
 ###############################################################################
@@ -1483,22 +1892,22 @@ def _handlers(state: AgentState) -> list[Any]:
 
     records = LogRecordsServicer(state)
     metadata = LogMetadataServicer(state)
-    def stream_request(data: bytes) -> Any:
-        return data  # parsed in the servicer, so garbage is INVALID_ARGUMENT, not UNKNOWN
+    def raw(data: bytes) -> bytes:
+        return data  # parsed by the servicer (parse_request)
 
     return [
         grpc.method_handlers_generic_handler("cluster_agent.LogRecordsService", {
             "StreamForward": grpc.unary_stream_rpc_method_handler(
-                records.StreamForward, request_deserializer=stream_request),
+                records.StreamForward, request_deserializer=raw),
             "StreamBackward": grpc.unary_stream_rpc_method_handler(
-                records.StreamBackward, request_deserializer=stream_request),
+                records.StreamBackward, request_deserializer=raw),
         }),
         grpc.method_handlers_generic_handler("cluster_agent.LogMetadataService", {
             "List": grpc.unary_unary_rpc_method_handler(
-                metadata.List, request_deserializer=pb.LogMetadataListRequest.FromString,
+                metadata.List, request_deserializer=raw,
                 response_serializer=pb.LogMetadataList.SerializeToString),
             "Watch": grpc.unary_stream_rpc_method_handler(
-                metadata.Watch, request_deserializer=pb.LogMetadataWatchRequest.FromString,
+                metadata.Watch, request_deserializer=raw,
                 response_serializer=pb.LogMetadataWatchEvent.SerializeToString),
         }),
     ]
@@ -1511,7 +1920,9 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
     from grpc_reflection.v1alpha import reflection
 
     loop = asyncio.get_running_loop()
-    state = AgentState(config, ScanPool(config.effective_scan_threads), InotifyHub(), asyncio.Event())
+    inotify = InotifyHub()
+    state = AgentState(config, ScanPool(config.effective_scan_threads), inotify, asyncio.Event(),
+                       MetadataWatcher(config.container_logs_dir, inotify))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(_handlers(state))
     health_servicer = health.aio.HealthServicer()
@@ -1599,7 +2010,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS = ("serve", "stream-forward", "stream-backward", "client")
-_LOG_NAME = re.compile(r"(?P<pod>[^_/]+)_(?P<namespace>[^_/]+)_(?P<container>[^/]+)-(?P<container_id>[^-/]+)\.log")
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -1609,12 +2019,12 @@ def _run_client(args: argparse.Namespace) -> int:
     from kubetail_agent_proto import cluster_agent_pb2 as pb
     from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
 
-    match = _LOG_NAME.fullmatch(os.path.basename(args.log_name))
-    if match is None:
+    entry = parse_log_entry(os.path.basename(args.log_name))
+    if entry is None:
         raise ConfigError(f"expected a log file name POD_NAMESPACE_CONTAINER-ID.log, got {args.log_name!r}")
     request = pb.LogRecordsStreamRequest(
-        namespace=match["namespace"], pod_name=match["pod"], container_name=match["container"],
-        container_id=match["container_id"], grep=args.grep, start_time=args.start_time,
+        namespace=entry.namespace, pod_name=entry.pod, container_name=entry.container,
+        container_id=entry.container_id, grep=args.grep, start_time=args.start_time,
         stop_time=args.stop_time, follow_from={"noop": NOOP, "default": DEFAULT, "end": END}[args.follow_from])
     if args.ca_file:
         read = functools.partial(_read_file_bytes, what="client TLS file")
