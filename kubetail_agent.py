@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import errno
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -73,7 +74,11 @@ class Config:
     tls_ca_file: str = ""
     tls_allowed_names: tuple[str, ...] = ()
     allowed_namespaces: tuple[str, ...] = ()
-    auth_mode: str = "none"
+    auth_mode: str = "token"
+    auth_allow_insecure: bool = False
+    auth_cache_ttl: float = 30.0
+    auth_timeout: float = 5.0
+    kubeconfig: str = ""
     shutdown_timeout: float = 30.0
     max_record_bytes: int = 1 << 20
     scan_threads: int = 0  # 0 = the CPUs this process may use, at most 4
@@ -183,7 +188,11 @@ CONFIG_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "tls.ca-file": ("tls_ca_file", _parse_str),
     "tls.allowed-names": ("tls_allowed_names", _parse_str_list),
     "allowed-namespaces": ("allowed_namespaces", _parse_str_list),
-    "auth-mode": ("auth_mode", _parse_choice("none")),
+    "auth-mode": ("auth_mode", _parse_choice("token", "identity", "none")),
+    "auth.allow-insecure": ("auth_allow_insecure", _parse_bool),
+    "auth.cache-ttl": ("auth_cache_ttl", parse_duration),
+    "auth.timeout": ("auth_timeout", parse_duration),
+    "kubeconfig": ("kubeconfig", _parse_str),
     "shutdown-timeout": ("shutdown_timeout", parse_duration),
     "max-record-bytes": ("max_record_bytes", parse_size),
     "scan-threads": ("scan_threads", _parse_positive_int),
@@ -265,7 +274,7 @@ def load_config(
     if addr is not None:
         settings["addr"] = addr
     warnings = []
-    values: dict[str, Any] = {"node_name": env.get("NODE_NAME", "")}
+    values: dict[str, Any] = {"node_name": env.get("NODE_NAME", ""), "kubeconfig": env.get("KUBECONFIG", "")}
     for key, raw in settings.items():
         if key not in CONFIG_KEYS:
             warnings.append(f"unknown config key {key!r} ignored")
@@ -281,7 +290,26 @@ def load_config(
     if config.tls_ca_file and not config.tls_enabled:
         raise ConfigError("tls.ca-file needs tls.cert-file and tls.key-file")
     parse_addr(config.addr)
+    if config.auth_mode == "identity" and not config.tls_ca_file:
+        raise ConfigError("auth-mode identity needs mutual TLS: set tls.cert-file, tls.key-file and tls.ca-file")
+    if config.auth_mode == "none" and not is_loopback(config.addr) and not config.auth_allow_insecure:
+        raise ConfigError(f"auth-mode none would let anyone who reaches {config.addr} read every log on this "
+                          "node; listen on a loopback address or also set auth.allow-insecure: true")
+    if config.auth_timeout <= 0:
+        raise ConfigError("config key auth.timeout: must be more than 0s")
     return config, warnings
+
+
+def is_loopback(addr: str) -> bool:
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        import ipaddress
+
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_addr(addr: str) -> str:
@@ -342,16 +370,228 @@ def log_event(level: int, msg: str, **fields: Any) -> None:
 ###############################################################################
 
 
-async def authorize(config: Config, metadata: Sequence[tuple[str, Any]], namespaces: Sequence[str],
-                    verb: str) -> None:
-    """Allow or refuse one RPC before it touches any file; raises RequestError to refuse.
+AUTH_VERB = "get"  # what `kubectl logs` needs on pods/log, and what Kubetail's RBAC grants
+AUTH_CACHE_MAX = 10_000
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
-    `namespaces` empty means cluster-wide. With auth-mode none everything is allowed;
-    the token and identity modes arrive with the authorization issue.
+
+def check_kube_credentials(config: Config) -> None:
+    """Cheap start-up check that the agent can reach the apiserver's credentials.
+
+    The kubernetes client itself is imported only when the first review is needed, so an
+    agent that nobody asks holds neither its memory nor its start-up time.
     """
     if config.auth_mode == "none":
         return
-    raise RequestError("INTERNAL", f"auth-mode {config.auth_mode} is not implemented")
+    if config.kubeconfig:
+        if not os.access(config.kubeconfig, os.R_OK):
+            raise ConfigError(f"cannot read kubeconfig {config.kubeconfig}")
+    elif not (os.environ.get("KUBERNETES_SERVICE_HOST") and os.access(IN_CLUSTER_TOKEN, os.R_OK)):
+        raise ConfigError(f"auth-mode {config.auth_mode} asks the kube-apiserver, but there is no in-cluster "
+                          "service account here; set kubeconfig (or KUBECONFIG) to run outside a cluster")
+
+
+def _metadata_values(metadata: Sequence[Any], key: str) -> list[str]:
+    return [str(value) for name, value in metadata if name.lower() == key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who a request speaks for: a bearer token (token mode) or a forwarded identity."""
+
+    cache_key: tuple[Any, ...]  # never the token itself
+    token: str = dataclasses.field(default="", repr=False)
+    user: str = ""
+    groups: tuple[str, ...] = ()
+    extra: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+def caller_from_token(metadata: Sequence[Any]) -> Caller:
+    values = _metadata_values(metadata, "authorization")
+    token = values[0].strip() if values else ""
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    if not token:
+        raise RequestError("UNAUTHENTICATED", "missing bearer token in gRPC metadata `authorization`")
+    return Caller(("token", hashlib.sha256(token.encode()).hexdigest()), token=token)
+
+
+def caller_from_identity(metadata: Sequence[Any], peer_names: Sequence[str], allowed_names: Sequence[str]) -> Caller:
+    if allowed_names and not any(name in allowed_names for name in peer_names):
+        shown = ", ".join(peer_names) or "none"
+        raise RequestError("PERMISSION_DENIED", f"client certificate name ({shown}) is not in tls.allowed-names")
+    users = _metadata_values(metadata, "x-remote-user")
+    if not users or not users[0]:
+        raise RequestError("UNAUTHENTICATED", "missing gRPC metadata `x-remote-user`")
+    groups = tuple(_metadata_values(metadata, "x-remote-group"))
+    extras_raw = _metadata_values(metadata, "x-remote-extras")
+    extra: dict[str, list[str]] = {}
+    if extras_raw and extras_raw[0]:
+        try:
+            parsed = json.loads(extras_raw[0])
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(i, str) for i in v)
+                for k, v in parsed.items()):
+            raise RequestError("UNAUTHENTICATED", "`x-remote-extras` must be a JSON object of string -> "
+                               "list of strings")
+        extra = parsed
+    key = ("identity", users[0], groups, json.dumps(extra, sort_keys=True))
+    return Caller(key, user=users[0], groups=groups, extra=extra)
+
+
+def denied(namespace: str) -> RequestError:
+    where = f"in namespace `{namespace}`" if namespace else "in all namespaces"
+    return RequestError("PERMISSION_DENIED", f"permission denied: `{AUTH_VERB} pods/log` {where}")
+
+
+class Authorizer:
+    """Answers "may this caller read pods/log here?" through the kube-apiserver, with a cache.
+
+    Decisions (allow and deny) are cached per (caller, namespace, verb) for auth.cache-ttl;
+    concurrent identical questions share one review in flight.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.cache: collections.OrderedDict[tuple[Any, ...], tuple[float, bool]] = collections.OrderedDict()
+        self.inflight: dict[tuple[Any, ...], asyncio.Future[bool]] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kube-auth")
+        self._apis: Any = None
+        self._apis_lock = threading.Lock()
+        self.reviews = 0
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def authorize(self, context: Any, namespaces: Sequence[str]) -> list[str]:
+        """Allow or refuse one RPC before it touches any file; raises RequestError to refuse.
+
+        `namespaces` empty means cluster-wide. Returns the namespaces the RPC may use: a
+        cluster-wide request is narrowed to `allowed-namespaces` when that is set.
+        """
+        config = self.config
+        wanted = [n for n in namespaces if n]
+        if config.allowed_namespaces:
+            for namespace in wanted:
+                if namespace not in config.allowed_namespaces:
+                    raise denied(namespace)
+            wanted = wanted or list(config.allowed_namespaces)
+        if config.auth_mode == "none":
+            return wanted
+        metadata = context.invocation_metadata() or ()
+        if config.auth_mode == "token":
+            caller = caller_from_token(metadata)
+        else:
+            auth = context.auth_context() or {}
+            names = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+                     for v in auth.get("x509_common_name", [])]
+            caller = caller_from_identity(metadata, names, config.tls_allowed_names)
+        targets = wanted or [""]
+        decisions = await asyncio.gather(*(self.decide(caller, n) for n in targets), return_exceptions=True)
+        for namespace, decision in zip(targets, decisions):
+            if isinstance(decision, BaseException):
+                raise decision
+            if not decision:
+                raise denied(namespace)
+        return wanted
+
+    async def decide(self, caller: Caller, namespace: str) -> bool:
+        key = (caller.cache_key, namespace, AUTH_VERB)
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            self.cache.move_to_end(key)
+            return hit[1]
+        review = self.inflight.get(key)
+        if review is None:
+            review = asyncio.ensure_future(self._review(key, caller, namespace))
+            self.inflight[key] = review
+            review.add_done_callback(lambda _f: self.inflight.pop(key, None))
+        return await asyncio.shield(review)  # a cancelled caller does not cancel the others' review
+
+    async def _review(self, key: tuple[Any, ...], caller: Caller, namespace: str) -> bool:
+        loop = asyncio.get_running_loop()
+        timeout = self.config.auth_timeout
+        try:
+            async with asyncio.timeout(timeout + 0.5):
+                allowed = await loop.run_in_executor(self.executor, self._review_blocking, caller, namespace)
+        except TimeoutError:
+            raise RequestError("UNAVAILABLE", f"the kube-apiserver did not answer within {timeout:g}s") from None
+        self.cache[key] = (time.monotonic() + self.config.auth_cache_ttl, allowed)
+        self.cache.move_to_end(key)
+        while len(self.cache) > AUTH_CACHE_MAX:
+            self.cache.popitem(last=False)
+        return allowed
+
+    def _kube_apis(self) -> Any:
+        """(API for the caller's token, API with the agent's own credentials), built once."""
+        with self._apis_lock:
+            if self._apis is None:
+                from kubernetes import config as kube_config
+                from kubernetes.client import ApiClient, AuthorizationV1Api, Configuration
+
+                own = Configuration()
+                try:
+                    if self.config.kubeconfig:
+                        kube_config.load_kube_config(config_file=self.config.kubeconfig, client_configuration=own,
+                                                     persist_config=False)
+                    else:
+                        kube_config.load_incluster_config(client_configuration=own)
+                except Exception as exc:  # noqa: BLE001 - any loader failure is one clear status
+                    raise RequestError("UNAVAILABLE", f"cannot load kube-apiserver credentials: {exc}") from None
+                # The caller's token must be the only credential: a client certificate from the
+                # kubeconfig would make the apiserver review the agent instead of the caller.
+                anonymous = Configuration()
+                anonymous.host = own.host
+                anonymous.ssl_ca_cert = own.ssl_ca_cert
+                anonymous.verify_ssl = own.verify_ssl
+                anonymous.tls_server_name = getattr(own, "tls_server_name", None)
+                self._apis = (AuthorizationV1Api(ApiClient(anonymous)), AuthorizationV1Api(ApiClient(own)))
+            return self._apis
+
+    def _review_blocking(self, caller: Caller, namespace: str) -> bool:
+        """One SelfSubjectAccessReview (token) or SubjectAccessReview (identity); runs in a thread."""
+        import urllib3
+        from kubernetes.client import (
+            V1ResourceAttributes,
+            V1SelfSubjectAccessReview,
+            V1SelfSubjectAccessReviewSpec,
+            V1SubjectAccessReview,
+            V1SubjectAccessReviewSpec,
+        )
+        from kubernetes.client.exceptions import ApiException
+
+        as_caller, as_agent = self._kube_apis()
+        attributes = V1ResourceAttributes(namespace=namespace or None, verb=AUTH_VERB, resource="pods",
+                                          subresource="log")
+        timeout = self.config.auth_timeout
+        self.reviews += 1
+        try:
+            if caller.token:
+                review = as_caller.create_self_subject_access_review(
+                    V1SelfSubjectAccessReview(spec=V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)),
+                    _request_timeout=(timeout, timeout),
+                    _request_auth={"in": "header", "type": "api_key", "key": "authorization",
+                                   "value": f"Bearer {caller.token}"})
+            else:
+                review = as_agent.create_subject_access_review(
+                    V1SubjectAccessReview(spec=V1SubjectAccessReviewSpec(
+                        user=caller.user, groups=list(caller.groups) or None, extra=caller.extra or None,
+                        resource_attributes=attributes)),
+                    _request_timeout=(timeout, timeout))
+        except ApiException as exc:
+            if exc.status == 401:
+                raise RequestError("UNAUTHENTICATED", "the kube-apiserver rejected the credentials") from None
+            if exc.status == 403:
+                return False  # not even allowed to ask: not allowed to read
+            log_event(logging.WARNING, "authorization review failed", status=exc.status, reason=exc.reason)
+            raise RequestError("UNAVAILABLE", f"authorization review failed: HTTP {exc.status} {exc.reason}") \
+                from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log_event(logging.WARNING, "kube-apiserver unreachable", error=type(exc).__name__)
+            raise RequestError("UNAVAILABLE", "the kube-apiserver is unreachable") from None
+        return bool(review.status and review.status.allowed)
 
 
 ###############################################################################
@@ -1291,7 +1531,10 @@ async def follow_file(path: str, fd: int, offset: int, fmt: str | None, options:
                 continue  # something changed while we were reading
             timeout = SAFETY_RECHECK_S if deleted_since is None else 0.25
             try:
-                await asyncio.wait_for(waiter.wait(), timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives as the waiter fires, and the stream would outlive its client.
+                async with asyncio.timeout(timeout):
+                    await waiter.wait()
             except TimeoutError:
                 pass
     finally:
@@ -1672,6 +1915,7 @@ class AgentState:
     inotify: InotifyHub
     shutting_down: asyncio.Event
     metadata: MetadataWatcher
+    auth: Authorizer
     active_streams: int = 0
     follow_tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
 
@@ -1726,7 +1970,7 @@ class LogRecordsServicer:
             path = stream_request_path(state.config, request)
             options = stream_options(request.start_time, request.stop_time, request.grep,
                                      int(request.follow_from), state.config.max_record_bytes)
-            await authorize(state.config, context.invocation_metadata() or (), [request.namespace], "get")
+            await state.auth.authorize(context, [request.namespace])
             log_event(logging.DEBUG, "stream started", method=method, path=path, grep=request.grep,
                       start_time=request.start_time, stop_time=request.stop_time,
                       follow_from=int(request.follow_from))
@@ -1766,8 +2010,7 @@ class LogMetadataServicer:
         state = self.state
         try:
             request = parse_request(pb.LogMetadataListRequest, data)
-            namespaces = [n for n in request.namespaces if n]
-            await authorize(state.config, context.invocation_metadata() or (), namespaces, "get")
+            namespaces = await state.auth.authorize(context, request.namespaces)
             found = await asyncio.to_thread(list_log_files, state.config.container_logs_dir, namespaces)
         except RequestError as exc:
             log_event(logging.DEBUG, "list refused", code=exc.code, error=exc.message)
@@ -1784,8 +2027,7 @@ class LogMetadataServicer:
         state.active_streams += 1
         try:
             request = parse_request(pb.LogMetadataWatchRequest, data)
-            namespaces = [n for n in request.namespaces if n]
-            await authorize(state.config, context.invocation_metadata() or (), namespaces, "get")
+            namespaces = await state.auth.authorize(context, request.namespaces)
             subscriber = state.metadata.subscribe(namespaces)
             if task is not None:
                 state.follow_tasks.add(task)  # endless: cancelled at shutdown
@@ -1922,7 +2164,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
     loop = asyncio.get_running_loop()
     inotify = InotifyHub()
     state = AgentState(config, ScanPool(config.effective_scan_threads), inotify, asyncio.Event(),
-                       MetadataWatcher(config.container_logs_dir, inotify))
+                       MetadataWatcher(config.container_logs_dir, inotify), Authorizer(config))
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(_handlers(state))
     health_servicer = health.aio.HealthServicer()
@@ -1933,8 +2175,10 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
     ], server)
     target = parse_addr(config.addr)
+    credentials = server_credentials(config) if config.tls_enabled else None
+    check_kube_credentials(config)
     try:
-        port = server.add_secure_port(target, server_credentials(config)) if config.tls_enabled \
+        port = server.add_secure_port(target, credentials) if credentials is not None \
             else server.add_insecure_port(target)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {config.addr}: {exc}") from None
@@ -1948,6 +2192,9 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
     log_event(logging.INFO, "serving", addr=config.addr, port=port, tls=config.tls_enabled,
               mtls=bool(config.tls_ca_file), logs_dir=config.container_logs_dir,
               auth_mode=config.auth_mode, scan_threads=state.pool.threads, version=__version__)
+    if config.auth_mode == "none":
+        log_event(logging.WARNING, "AUTH-MODE NONE: every client may read every container log on this "
+                  "node; use it only for local testing", addr=config.addr)
     if ready is not None:
         ready(port)
     try:
@@ -1962,6 +2209,7 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
             signal.signal(signum, signal.SIG_IGN)  # a second signal must not kill a clean exit
         state.inotify.close()
         state.pool.shutdown()
+        state.auth.close()
     log_event(logging.INFO, "stopped")
     return 0
 

@@ -175,7 +175,8 @@ def test_params_and_addr_override_the_file(tmp_path: pathlib.Path) -> None:
     assert config.addr == "127.0.0.1:6001"
     assert config.node_name == "node-a"  # untouched keys keep the file's value
     # -a wins over both the file and -p.
-    assert load_config(str(path), ["addr:127.0.0.1:6001"], addr=":7000", env={})[0].addr == ":7000"
+    assert load_config(str(path), ["addr:127.0.0.1:6001", "auth.allow-insecure:true"], addr=":7000",
+                       env={})[0].addr == ":7000"
     # The last -p for a key wins.
     assert load_config(None, ["logging.level:warn", "logging.level:error"], env={})[0].logging_level == "error"
 
@@ -211,7 +212,7 @@ def test_parse_addr() -> None:
 WRONG_VALUES = [
     ("logging.enabled", "maybe"), ("logging.enabled", 2), ("logging.level", "loud"), ("logging.format", "xml"),
     ("shutdown-timeout", "abc"), ("shutdown-timeout", -5), ("max-record-bytes", 12), ("max-record-bytes", "big"),
-    ("scan-threads", -1), ("scan-threads", "two"), ("scan-threads", 1.5), ("auth-mode", "token"),
+    ("scan-threads", -1), ("scan-threads", "two"), ("scan-threads", 1.5), ("auth-mode", "ldap"),
     ("addr", "nope"), ("addr", ["127.0.0.1:0"]), ("container-logs-dir", {"a": 1}), ("node-name", True),
     ("allowed-namespaces", {"a": 1}), ("tls.allowed-names", [{"a": 1}]),
 ]
@@ -305,7 +306,7 @@ def assert_one_line_exit(result, *fragments: str) -> str:
 
 
 PROCESS_BAD_SETTINGS = [
-    ("logging.enabled", "maybe"), ("shutdown-timeout", "abc"), ("max-record-bytes", "12"), ("auth-mode", "token"),
+    ("logging.enabled", "maybe"), ("shutdown-timeout", "abc"), ("max-record-bytes", "12"), ("auth-mode", "ldap"),
     ("scan-threads", "-1"), ("logging.level", "loud"),
 ]
 
@@ -338,7 +339,7 @@ def test_config_errors_exit_with_one_line_before_binding(tmp_path: pathlib.Path,
 
 
 def test_address_in_use_is_one_line(tmp_path: pathlib.Path, held_port: int) -> None:
-    result = run_cli("-a", f"127.0.0.1:{held_port}", "-p", f"container-logs-dir:{tmp_path}")
+    result = run_cli("-a", f"127.0.0.1:{held_port}", "-p", f"container-logs-dir:{tmp_path}", "-p", "auth-mode:none")
     assert_one_line_exit(result, "cannot listen", f"127.0.0.1:{held_port}")
 
 
@@ -367,7 +368,8 @@ def serve_and_check(args: list[str], logs: pathlib.Path, env: dict[str, str] | N
 
 
 def test_serve_is_the_default_command(tmp_path: pathlib.Path, logs_dir: pathlib.Path) -> None:
-    path = write_config(tmp_path / "config.yaml", {"addr": "127.0.0.1:0", "container-logs-dir": str(logs_dir)})
+    path = write_config(tmp_path / "config.yaml", {"addr": "127.0.0.1:0", "container-logs-dir": str(logs_dir),
+                                                   "auth-mode": "none"})
     serve_and_check([f"--config={path}"], logs_dir)  # the DaemonSet's args, unchanged
     serve_and_check(["-c", str(path)], logs_dir)
 
@@ -377,18 +379,24 @@ def test_serve_with_json_env_older_layout_and_overrides(tmp_path: pathlib.Path, 
     # own addr and logs dir would not work.
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"cluster-agent": {"addr": "nope", "container-logs-dir": "${KTA_LOGS}",
+                                                  "auth-mode": "none",
                                                   "logging": {"level": "${KTA_LEVEL}"}}}))
     agent = serve_and_check(["serve", "--config", str(path), "-a", "127.0.0.1:0"], logs_dir,
                             env={"KTA_LOGS": str(logs_dir), "KTA_LEVEL": "debug"})
     assert any(e["msg"] == "stream started" for e in agent.events())  # logging.level came from ${KTA_LEVEL}
-    path.write_text(json.dumps({"addr": "nope", "container-logs-dir": "/nonexistent"}))
+    path.write_text(json.dumps({"addr": "nope", "container-logs-dir": "/nonexistent", "auth-mode": "none"}))
     serve_and_check(["--config", str(path), "-p", "cluster-agent.addr:127.0.0.1:0",
                      "-p", f"container-logs-dir:{logs_dir}"], logs_dir)
-    serve_and_check(["-a", "127.0.0.1:0", "-p", f"cluster-agent.container-logs-dir:{logs_dir}"], logs_dir)
+    serve_and_check(["-a", "127.0.0.1:0", "-p", f"cluster-agent.container-logs-dir:{logs_dir}",
+                     "-p", "auth-mode:none"], logs_dir)
+
+
+# auth-mode none on every interface must be asked for explicitly.
+INSECURE = ["-p", "auth-mode:none", "-p", "auth.allow-insecure:true"]
 
 
 def test_port_only_addr_binds_every_interface(logs_dir: pathlib.Path) -> None:
-    agent = serve_and_check(["-a", ":0", "-p", f"container-logs-dir:{logs_dir}"], logs_dir)
+    agent = serve_and_check(["-a", ":0", "-p", f"container-logs-dir:{logs_dir}", *INSECURE], logs_dir)
     assert [e["addr"] for e in agent.events() if e["msg"] == "serving"] == [":0"]
     if not socket.has_ipv6:
         return
@@ -397,13 +405,13 @@ def test_port_only_addr_binds_every_interface(logs_dir: pathlib.Path) -> None:
             probe.bind(("::1", 0))
     except OSError:
         return  # no IPv6 loopback here; IPv4 above is still checked
-    serve_and_check(["-a", ":0", "-p", f"container-logs-dir:{logs_dir}"], logs_dir, host="[::1]")
+    serve_and_check(["-a", ":0", "-p", f"container-logs-dir:{logs_dir}", *INSECURE], logs_dir, host="[::1]")
 
 
 def test_unknown_keys_are_logged_as_warnings(start_agent, logs_dir: pathlib.Path) -> None:
     agent = start_agent(logs_dir, bogus_key=1, logging={"level": "debug", "colour": "red"},
                         extra_args=("-p", "cluster-agent.another-bogus:x"))
-    warnings = {e["msg"] for e in agent.events() if e.get("level") == "warn"}
+    warnings = {e["msg"] for e in agent.events() if e.get("level") == "warn" and e["msg"].startswith("unknown")}
     assert warnings == {"unknown config key 'bogus-key' ignored", "unknown config key 'logging.colour' ignored",
                         "unknown config key 'another-bogus' ignored"}
     # Warnings come before the agent reports that it is serving.
@@ -435,7 +443,8 @@ def test_logging_disabled_and_pretty(logs_dir: pathlib.Path) -> None:
          lambda lines: any("serving" in line for line in lines) and any("bogus" in line for line in lines)
          and not any(line.startswith("{") for line in lines)),
     ):
-        agent, channel = start_without_json_log(["-p", f"container-logs-dir:{logs_dir}", "-p", "bogus:1", *extra])
+        agent, channel = start_without_json_log(["-p", f"container-logs-dir:{logs_dir}", "-p", "bogus:1",
+                                                 "-p", "auth-mode:none", *extra])
         try:
             stub = pb_grpc.LogRecordsServiceStub(channel)
             assert len(records(stub.StreamForward(stream_request(), timeout=10))) == 1

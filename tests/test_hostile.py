@@ -213,7 +213,8 @@ def test_unreadable_file_is_permission_denied_with_path_and_uid() -> None:
         secret.write_text(cri("2024-05-01T10:00:00Z", "root only"))
         secret.chmod(0o000)
         config = base / "config.yaml"
-        config.write_text(f"addr: 127.0.0.1:0\ncontainer-logs-dir: {logs}\nlogging:\n  level: debug\n")
+        config.write_text(f"addr: 127.0.0.1:0\ncontainer-logs-dir: {logs}\nauth-mode: none\n"
+                          "logging:\n  level: debug\n")
         config.chmod(0o644)
         agent = UnprivilegedAgent(prefix, ["serve", "--config", str(config)])
         agent.wait_serving()
