@@ -813,6 +813,14 @@ class LogView:
             self.buf.close()
         self.buf = b""
 
+    def close_soon(self) -> None:
+        """Unmap off the event loop: munmap of a large mapping takes ~17 ms per 512 MiB."""
+        if isinstance(self.buf, mmap.mmap) and self.size > (64 << 20):
+            buf, self.buf = self.buf, b""
+            asyncio.get_running_loop().run_in_executor(None, buf.close)
+        else:
+            self.close()
+
     def is_partial(self, start: int, content_end: int) -> bool:
         """Whether the line buf[start:content_end] is a non-final chunk (P, or Docker without \\n)."""
         if self.format == CRI:
@@ -1119,12 +1127,12 @@ def format_timestamp(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
 
 
-def record_json(line: Line) -> str:
-    """The protobuf JSON mapping of a LogRecord, for the local CLI."""
+def record_json(record: Any) -> str:
+    """The protobuf JSON mapping of a LogRecord message, for the CLI."""
     return json.dumps({
-        "timestamp": format_timestamp(line.timestamp_ns),
-        "message": valid_utf8(line.message).decode("utf-8"),
-        "isFinal": line.is_final,
+        "timestamp": format_timestamp(record.timestamp.seconds * 1_000_000_000 + record.timestamp.nanos),
+        "message": record.message,
+        "isFinal": record.is_final,
     }, ensure_ascii=False)
 
 
@@ -1208,11 +1216,39 @@ def _parse_range(view: LogView, start: int, end: int, options: StreamOptions) ->
     return out
 
 
-def scan_chunk(view: LogView, chunk: Chunk, options: StreamOptions) -> list[Line]:
-    """All matching lines of one group-aligned chunk, oldest first (runs in a worker thread)."""
+def _encode_range(view: LogView, start: int, end: int, max_bytes: int) -> list[bytes]:
+    """Every record of buf[start:end], encoded: the unfiltered hot path (one copy, one split)."""
+    parse = view.parse
+    out: list[bytes] = []
+    append = out.append
+    for raw in view.buf[start:end].split(b"\n"):
+        line = parse(raw)
+        if line is None:
+            continue
+        if len(line.message) <= max_bytes:
+            append(encode_log_record(line))
+        else:
+            out.extend(encode_log_record(piece) for piece in line_records(line, max_bytes))
+    return out
+
+
+def encode_lines(lines: list[Line], max_bytes: int) -> list[bytes]:
+    out: list[bytes] = []
+    for line in lines:
+        out.extend(encode_log_record(piece) for piece in line_records(line, max_bytes))
+    return out
+
+
+def scan_chunk(view: LogView, chunk: Chunk, options: StreamOptions) -> list[bytes]:
+    """The encoded records of one group-aligned chunk, oldest first (runs in a worker thread).
+
+    Encoding here, not on the event loop, keeps the loop free for gRPC writes.
+    """
     grep = options.grep
-    if grep is None or not grep.prefilter or view.format != CRI:
-        return _parse_range(view, chunk.begin, chunk.end, options)
+    if grep is None:
+        return _encode_range(view, chunk.begin, chunk.end, options.max_record_bytes)
+    if not grep.prefilter or view.format != CRI:
+        return encode_lines(_parse_range(view, chunk.begin, chunk.end, options), options.max_record_bytes)
     out: list[Line] = []
     done = chunk.begin  # everything before this offset has been judged
     for hit in find_candidate_lines(view.buf, chunk.begin, chunk.end, grep):
@@ -1223,7 +1259,7 @@ def scan_chunk(view: LogView, chunk: Chunk, options: StreamOptions) -> list[Line
         group_end = view.group_end(group_end, chunk.end)
         out.extend(_parse_range(view, max(group_begin, done), group_end, options))
         done = group_end
-    return out
+    return encode_lines(out, options.max_record_bytes)
 
 
 class ScanPool:
@@ -1238,15 +1274,18 @@ class ScanPool:
 
 
 async def scan_window(view: LogView, begin: int, end: int, options: StreamOptions, pool: ScanPool,
-                      backward: bool = False) -> AsyncIterator[Line]:
-    """Matching lines of [begin, end), in file order (reverse order when backward).
+                      backward: bool = False) -> AsyncIterator[list[bytes]]:
+    """Encoded records of [begin, end) in batches, in file order (reverse order when backward).
 
     Chunks are scanned concurrently by the pool, at most `threads + 1` ahead of the consumer,
     and their results are yielded strictly in order, so memory stays bounded.
     """
     loop = asyncio.get_running_loop()
-    chunks = plan_chunks(view, begin, end, backward)
-    inflight: collections.deque[concurrent.futures.Future[list[Line]]] = collections.deque()
+    # Unfiltered chunks turn into as many records as lines: keep them small. Grep chunks mostly
+    # turn into nothing, and larger ones keep RE2 in C longer per call.
+    largest = 16 << 20 if options.grep is not None else 1 << 20
+    chunks = plan_chunks(view, begin, end, backward, largest=largest)
+    inflight: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
     try:
         while True:
             while len(inflight) <= pool.threads:
@@ -1256,10 +1295,12 @@ async def scan_window(view: LogView, begin: int, end: int, options: StreamOption
                 inflight.append(pool.executor.submit(scan_chunk, view, chunk, options))
             if not inflight:
                 return
-            lines = await asyncio.wrap_future(inflight[0], loop=loop)
+            batch = await asyncio.wrap_future(inflight[0], loop=loop)
             inflight.popleft()
-            for line in (reversed(lines) if backward else lines):
-                yield line
+            if batch:
+                if backward:
+                    batch.reverse()  # newest first, the pieces of a split message too
+                yield batch
     finally:
         # The workers read the mmap: let running ones finish before the caller closes it.
         for future in inflight:
@@ -1268,8 +1309,9 @@ async def scan_window(view: LogView, begin: int, end: int, options: StreamOption
 
 
 async def stream_records(path: str, options: StreamOptions, pool: ScanPool, backward: bool = False,
-                         inotify: InotifyHub | None = None) -> AsyncIterator[Line]:
-    """The records of one log file for one request: the window, then (maybe) the follow.
+                         inotify: InotifyHub | None = None) -> AsyncIterator[list[bytes]]:
+    """The records of one log file for one request, as batches of serialized LogRecords:
+    the window, then (maybe) the follow.
 
     This is the whole LogRecordsService logic without gRPC; the CLI uses it too.
     """
@@ -1290,10 +1332,8 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
         if options.start_ns is not None and options.stop_ns is not None and options.start_ns > options.stop_ns:
             begin = end
         if begin < end:
-            async for line in scan_window(view, begin, end, options, pool, backward):
-                pieces = line_records(line, options.max_record_bytes)
-                for record in (reversed(pieces) if backward else pieces):  # newest piece first
-                    yield record
+            async for batch in scan_window(view, begin, end, options, pool, backward):
+                yield batch
         if follow:
             fmt = view.format if view.size else None
             view.close()
@@ -1303,11 +1343,10 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
             if options.follow_from == END:
                 options = dataclasses.replace(options, start_ns=None)  # END ignores start_time
             async for line in follow_file(path, handed_over, end, fmt, options, inotify):
-                for record in line_records(line, options.max_record_bytes):
-                    yield record
+                yield encode_lines([line], options.max_record_bytes)
     finally:
         if view is not None:
-            view.close()
+            view.close_soon()
         if fd >= 0:
             os.close(fd)
         if own_inotify is not None:
@@ -1980,8 +2019,9 @@ class LogRecordsServicer:
                 if state.shutting_down.is_set():
                     raise asyncio.CancelledError()
             write = context.write
-            async for line in stream_records(path, options, state.pool, backward, state.inotify):
-                await write(encode_log_record(line))
+            async for batch in stream_records(path, options, state.pool, backward, state.inotify):
+                for record in batch:
+                    await write(record)
         except RequestError as exc:
             log_event(logging.DEBUG, "stream refused", method=method, code=exc.code, error=exc.message)
             await context.abort(_status(exc.code), exc.message)
@@ -2162,6 +2202,9 @@ async def serve(config: Config, ready: Callable[[int], None] | None = None) -> i
     from grpc_reflection.v1alpha import reflection
 
     loop = asyncio.get_running_loop()
+    # Scan threads run Python (parsing, encoding) between RE2 calls; with the default 5 ms
+    # switch interval the event loop waits that long for the GIL before each batch of writes.
+    sys.setswitchinterval(0.0005)
     inotify = InotifyHub()
     state = AgentState(config, ScanPool(config.effective_scan_threads), inotify, asyncio.Event(),
                        MetadataWatcher(config.container_logs_dir, inotify), Authorizer(config))
@@ -2288,8 +2331,7 @@ def _run_client(args: argparse.Namespace) -> int:
         call = stub.StreamBackward(request) if args.backward else stub.StreamForward(request)
         try:
             for record in call:
-                ts = record.timestamp.seconds * 1_000_000_000 + record.timestamp.nanos
-                print(record_json(Line(ts, record.message.encode(), record.is_final)), flush=True)
+                print(record_json(record), flush=True)
         except grpc.RpcError as exc:
             print(f"kubetail-agent: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -2297,14 +2339,16 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 async def _print_records(args: argparse.Namespace, backward: bool) -> int:
+    from kubetail_agent_proto import cluster_agent_pb2 as pb
+
     follow = {"noop": NOOP, "default": DEFAULT, "end": END}[getattr(args, "follow_from", "noop")]
     options = stream_options(args.start_time, args.stop_time, args.grep, follow, parse_size(args.max_record_bytes))
     pool = ScanPool(Config().effective_scan_threads)
     inotify = InotifyHub()
     out = sys.stdout
     try:
-        async for line in stream_records(args.path, options, pool, backward, inotify):
-            out.write(record_json(line) + "\n")
+        async for batch in stream_records(args.path, options, pool, backward, inotify):
+            out.write("".join(record_json(pb.LogRecord.FromString(record)) + "\n" for record in batch))
             if follow != NOOP:
                 out.flush()
     finally:
