@@ -193,3 +193,38 @@ def test_backward_tail_reads_only_the_end_of_a_large_file(agent, logs_dir: pathl
     assert rss is not None, "the agent did not map the file"
     print(f"resident {rss} KiB of {size_kib} KiB")
     assert rss < size_kib // 4, f"{rss} KiB of a {size_kib} KiB file resident after 100 records"
+
+
+def test_fused_cri_encoder_matches_the_general_path() -> None:
+    # encode_cri_records is the unfiltered hot path; its output must be byte-identical to parsing
+    # each line and encoding it, whatever the line looks like.
+    import kubetail_agent as agent
+
+    lines = [
+        b"2024-05-01T10:00:00Z stdout F whole second",
+        b"2024-05-01T10:00:00.5Z stdout F half",
+        b"2024-05-01T10:00:00.123456789Z stderr P partial",
+        b"2024-05-01T10:00:00.123456789Z stderr P:x tagged partial",
+        b"2024-05-01T10:00:00.000000000Z stdout F zero nanos",
+        b"2024-05-01T10:00:00.1234567891Z stdout F ten digits",
+        b"2024-05-01T12:00:00.25+02:00 stdout F offset",
+        b"2024-05-01T10:00:00.Z stdout F empty fraction",
+        b"2024-05-01T10:00:00.1_2Z stdout F underscore",
+        b"2024-05-01T10:00:00.5Z stdout F",
+        b"2024-05-01T10:00:00.5Z stdout F ",
+        b"2024-05-01T10:00:00.5Z stdout F bad \xff utf8",
+        b"1970-01-01T00:00:00Z stdout F epoch",
+        b"1969-12-31T23:59:59.5Z stdout F before the epoch",
+        b"2024-05-01T10:00:00.5Z stdout F " + b"m" * 5000,
+        b"garbage",
+        b"",
+        b"2024-05-01T10:00:00.5z stdout F lowercase z",
+    ]
+    data = b"\n".join(lines * 2) + b"\n"
+    expected = []
+    for raw in data.split(b"\n"):
+        line = agent.parse_cri_line(raw)
+        if line is not None:
+            expected.extend(agent.encode_log_record(p) for p in agent.line_records(line, 4096))
+    assert agent.encode_cri_records(data, 4096) == expected
+    assert all(pb.LogRecord.FromString(r).SerializeToString() == r for r in expected)
