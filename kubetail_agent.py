@@ -408,9 +408,9 @@ class Caller:
 
 def caller_from_token(metadata: Sequence[Any]) -> Caller:
     values = _metadata_values(metadata, "authorization")
-    token = values[0].strip() if values else ""
-    if token[:7].lower() == "bearer ":
-        token = token[7:].strip()
+    raw = values[0].strip() if values else ""
+    scheme, _, rest = raw.partition(" ")
+    token = rest.strip() if scheme.lower() == "bearer" else raw
     if not token:
         raise RequestError("UNAUTHENTICATED", "missing bearer token in gRPC metadata `authorization`")
     return Caller(("token", hashlib.sha256(token.encode()).hexdigest()), token=token)
@@ -473,6 +473,9 @@ class Authorizer:
         """
         config = self.config
         wanted = [n for n in namespaces if n]
+        for namespace in wanted:
+            if len(namespace) > 63 or not _DNS1123_LABEL.fullmatch(namespace):
+                raise RequestError("INVALID_ARGUMENT", "namespace must be a DNS-1123 label of at most 63 characters")
         if config.allowed_namespaces:
             for namespace in wanted:
                 if namespace not in config.allowed_namespaces:
@@ -581,10 +584,12 @@ class Authorizer:
                         resource_attributes=attributes)),
                     _request_timeout=(timeout, timeout))
         except ApiException as exc:
-            if exc.status == 401:
-                raise RequestError("UNAUTHENTICATED", "the kube-apiserver rejected the credentials") from None
-            if exc.status == 403:
+            if caller.token and exc.status == 401:
+                raise RequestError("UNAUTHENTICATED", "the kube-apiserver rejected the caller's token") from None
+            if caller.token and exc.status == 403:
                 return False  # not even allowed to ask: not allowed to read
+            # In identity mode 401/403 are about the agent's own credentials or RBAC (it needs
+            # `create subjectaccessreviews`): the caller is not at fault, and it is not cached.
             log_event(logging.WARNING, "authorization review failed", status=exc.status, reason=exc.reason)
             raise RequestError("UNAVAILABLE", f"authorization review failed: HTTP {exc.status} {exc.reason}") \
                 from None
