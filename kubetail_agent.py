@@ -2394,6 +2394,177 @@ def _run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+# grpc_health_probe (grpc-ecosystem/grpc-health-probe) compatibility: the DaemonSet's probes
+# run `/bin/grpc_health_probe -addr=:50051 -tls ...`; the image links that name to the agent.
+PROBE_OK, PROBE_INVALID, PROBE_CONNECT_FAILED, PROBE_RPC_FAILED, PROBE_UNHEALTHY = 0, 1, 2, 3, 4
+_PROBE_BOOLS = {"tls", "tls-no-verify", "alts", "spiffe", "gzip", "v", "version"}
+_PROBE_VALUES = {"addr", "service", "user-agent", "connect-timeout", "rpc-timeout", "rpc-header", "tls-ca-cert",
+                 "tls-client-cert", "tls-client-key", "tls-server-name"}
+
+
+class ProbeUsageError(Exception):
+    """grpc_health_probe's flag errors exit with 1."""
+
+
+def parse_probe_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """Go flag syntax: -flag, -flag=value, -flag value, and the same with two dashes."""
+    flags: dict[str, Any] = {"service": "", "user-agent": "grpc_health_probe", "connect-timeout": "1s",
+                             "rpc-timeout": "1s", "rpc-header": []}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-", "--") or not arg.startswith("-"):
+            raise ProbeUsageError(f"unexpected argument {arg!r}")
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if name in ("h", "help"):
+            raise ProbeUsageError("usage: grpc_health_probe -addr=HOST:PORT [-service NAME] [-tls ...]")
+        if name in _PROBE_BOOLS:
+            if has_value and value.lower() not in ("true", "false", "1", "0", "t", "f"):
+                raise ProbeUsageError(f"invalid boolean value {value!r} for -{name}")
+            flags[name] = not has_value or value.lower() in ("true", "1", "t")
+        elif name in _PROBE_VALUES:
+            if not has_value:
+                if not args:
+                    raise ProbeUsageError(f"flag needs an argument: -{name}")
+                value = args.pop(0)
+            if name == "rpc-header":
+                flags[name].append(value)
+            else:
+                flags[name] = value
+        else:
+            raise ProbeUsageError(f"flag provided but not defined: -{name}")
+    return flags
+
+
+def run_probe(argv: Sequence[str]) -> int:
+    """Check grpc.health.v1 like grpc_health_probe, with its flags and exit codes."""
+    def fail(code: int, message: str) -> int:
+        print(message, file=sys.stderr)
+        return code
+
+    try:
+        flags = parse_probe_flags(argv)
+        if flags.get("version"):
+            print(f"grpc_health_probe (kubetail-agent {__version__})")
+            return PROBE_OK
+        if not flags.get("addr"):
+            raise ProbeUsageError("-addr not specified")
+        try:
+            connect_timeout = parse_duration(flags["connect-timeout"])
+            rpc_timeout = parse_duration(flags["rpc-timeout"])
+        except ValueError as exc:
+            raise ProbeUsageError(str(exc)) from None
+        if connect_timeout <= 0 or rpc_timeout <= 0:
+            raise ProbeUsageError("-connect-timeout and -rpc-timeout must be greater than zero")
+        tls_flags = [n for n in ("tls-no-verify", "tls-ca-cert", "tls-client-cert", "tls-client-key",
+                                 "tls-server-name") if flags.get(n)]
+        if tls_flags and not flags.get("tls"):
+            raise ProbeUsageError(f"specified -{tls_flags[0]} without specifying -tls")
+        if flags.get("tls") and (flags.get("alts") or flags.get("spiffe")):
+            raise ProbeUsageError("-tls cannot be used with -alts or -spiffe")
+        if flags.get("alts") and flags.get("spiffe"):
+            raise ProbeUsageError("-alts cannot be used with -spiffe")
+        if flags.get("alts") or flags.get("spiffe"):
+            raise ProbeUsageError("-alts and -spiffe are not supported by this probe")
+        if flags.get("tls-no-verify") and (flags.get("tls-ca-cert") or flags.get("tls-server-name")):
+            raise ProbeUsageError("cannot specify -tls-ca-cert or -tls-server-name with -tls-no-verify")
+        if bool(flags.get("tls-client-cert")) != bool(flags.get("tls-client-key")):
+            raise ProbeUsageError("-tls-client-cert and -tls-client-key must be given together")
+        headers = []
+        for header in flags["rpc-header"]:
+            key, sep, value = header.partition(":")
+            if not sep or not key.strip():
+                raise ProbeUsageError(f"-rpc-header expects name:value, got {header!r}")
+            headers.append((key.strip().lower(), value.strip()))
+    except ProbeUsageError as exc:
+        return fail(PROBE_INVALID, f"error: {exc}")
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    addr = flags["addr"]
+    target = f"localhost{addr}" if addr.startswith(":") else addr
+    options: list[tuple[str, Any]] = [("grpc.primary_user_agent", flags["user-agent"])]
+    if flags.get("tls"):
+        try:
+            root = _read_file_bytes(flags["tls-ca-cert"], "-tls-ca-cert") if flags.get("tls-ca-cert") else None
+            key = _read_file_bytes(flags["tls-client-key"], "-tls-client-key") if flags.get("tls-client-key") else None
+            cert = _read_file_bytes(flags["tls-client-cert"], "-tls-client-cert") \
+                if flags.get("tls-client-cert") else None
+            if flags.get("tls-no-verify"):
+                root, name = _pin_server_certificate(target, connect_timeout)
+                options.append(("grpc.ssl_target_name_override", name))
+        except ConfigError as exc:
+            return fail(PROBE_INVALID, f"error: {exc}")
+        except OSError as exc:
+            return fail(PROBE_CONNECT_FAILED, f"error: failed to connect service at {addr!r}: {exc}")
+        if flags.get("tls-server-name"):
+            options.append(("grpc.ssl_target_name_override", flags["tls-server-name"]))
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root, key, cert), options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    with channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            return fail(PROBE_CONNECT_FAILED, f"timeout: failed to connect service {addr!r} within "
+                        f"{flags['connect-timeout']}")
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=flags["service"]), timeout=rpc_timeout,
+                metadata=headers or None)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                return fail(PROBE_RPC_FAILED, f"error: this server does not implement the grpc health protocol "
+                            f"(grpc.health.v1.Health): {exc.details()}")
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return fail(PROBE_RPC_FAILED, f"timeout: health rpc did not complete within {flags['rpc-timeout']}")
+            return fail(PROBE_RPC_FAILED, f"error: health rpc failed: {code.name}: {exc.details()}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        return fail(PROBE_UNHEALTHY, f"service unhealthy (responded with {status!r})")
+    print(f"status: {status}")
+    return PROBE_OK
+
+
+def _pin_server_certificate(target: str, timeout: float) -> tuple[bytes, str]:
+    """-tls-no-verify: trust whatever certificate the server presents (by pinning it).
+
+    Python's gRPC cannot turn verification off, so the probe fetches the server's certificate
+    without verifying it and then trusts exactly that one, checking it against a name it holds.
+    Works for self-signed server certificates; a CA-signed one needs -tls-ca-cert.
+    """
+    import socket
+    import ssl
+
+    host, _, port = target.rpartition(":")
+    address = (host.strip("[]"), int(port))
+
+    def handshake(context: ssl.SSLContext) -> ssl.SSLSocket:
+        sock = socket.create_connection(address, timeout=timeout)
+        return context.wrap_socket(sock)
+
+    blind = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    blind.check_hostname = False
+    blind.verify_mode = ssl.CERT_NONE
+    with handshake(blind) as tls:
+        pem = ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
+    # Only a verified peer's certificate is decoded by the ssl module: verify against itself.
+    pinned = ssl.create_default_context(cadata=pem)
+    pinned.check_hostname = False
+    name = ""
+    try:
+        with handshake(pinned) as tls:
+            info = tls.getpeercert() or {}
+        alt_names = [value for kind, value in info.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+        common = [value for rdn in info.get("subject", ()) for key, value in rdn if key == "commonName"]
+        name = (alt_names or common or [""])[0]
+    except ssl.SSLError:
+        pass  # not self-signed: gRPC will refuse it below, as a connection failure
+    return pem.encode(), name or host
+
+
 async def _print_records(args: argparse.Namespace, backward: bool) -> int:
     from kubetail_agent_proto import cluster_agent_pb2 as pb
 
@@ -2418,6 +2589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # grpc's C core prints its own lines on stderr (e.g. a failed bind); the agent logs those
     # events itself, as one structured line. GRPC_VERBOSITY set by an operator still wins.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    if os.path.basename(sys.argv[0]) == "grpc_health_probe":
+        return run_probe(argv)  # invoked through the image's /bin/grpc_health_probe link
+    if argv[:1] == ["probe"]:
+        return run_probe(argv[1:])
     if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")  # `serve` is the default: existing DaemonSet args work unchanged
     args = _build_parser().parse_args(argv)

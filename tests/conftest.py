@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import pathlib
@@ -11,10 +13,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import grpc
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
@@ -179,3 +186,88 @@ def still_serves(agent: AgentProcess, channel: grpc.Channel, logs: pathlib.Path)
     got = records(stub.StreamForward(stream_request(pod="sanity-check"), timeout=10))
     assert got == [("2024-05-01T10:00:00.000000000Z", "still serving", True)]
     assert [e for e in agent.events() if e.get("level") == "error"] == []
+
+
+# --- test PKI (certificates made with `cryptography`) ------------------------------------------
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+class Issued(NamedTuple):
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(name: str) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1)).not_valid_after(NOW + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(key, cert)
+
+
+def issue(ca: Issued, name: str, server: bool, expired: bool = False) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_after = NOW - datetime.timedelta(hours=1) if expired else NOW + datetime.timedelta(days=30)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1)).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+    )
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+    return Issued(key, builder.sign(ca.key, hashes.SHA256()))
+
+
+class Pki(NamedTuple):
+    ca: Issued
+    server: Issued
+    client: Issued
+    other_ca: Issued
+    other_client: Issued
+    expired_client: Issued
+    files: dict[str, pathlib.Path]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca, other_ca = make_ca("kubetail test CA"), make_ca("some other CA")
+    server = issue(ca, "kubetail-agent", server=True)
+    pki = Pki(ca, server, issue(ca, "kubetail-cluster-api", server=False), other_ca,
+              issue(other_ca, "kubetail-cluster-api", server=False),
+              issue(ca, "kubetail-cluster-api", server=False, expired=True), {})
+    directory = tmp_path_factory.mktemp("pki")
+    for name, data in {"ca.pem": ca.cert_pem, "server.pem": server.cert_pem, "server-key.pem": server.key_pem,
+                       "garbage.pem": b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
+                       "other-ca.pem": other_ca.cert_pem}.items():
+        (directory / name).write_bytes(data)
+        pki.files[name] = directory / name
+    return pki
+
+
