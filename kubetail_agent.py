@@ -1766,6 +1766,7 @@ class WatchedEntry:
     sent: FileInfo | None = None  # state in the last event, None while absent
     timer: asyncio.TimerHandle | None = None  # debounce window open
     trailing: bool = False  # a change arrived inside the window
+    missing_since: float | None = None  # the entry's file vanished (rotation in progress?)
 
 
 class MetadataWatcher:
@@ -1777,6 +1778,7 @@ class MetadataWatcher:
 
     DEBOUNCE_S = 2.0
     RETRY_S = 0.5  # re-resolve entries whose target is missing (e.g. between rotation steps)
+    MISSING_GRACE_S = 5.0  # kubelet renames 0.log, then the runtime creates a new one: not a deletion
 
     def __init__(self, directory: str, inotify: InotifyHub) -> None:
         self.directory = directory
@@ -1882,10 +1884,14 @@ class MetadataWatcher:
         if info is None or not stat.S_ISREG(info.st_mode):
             self._unwatch_target(watched)
             self._schedule_retry(watched.entry.name)
-            if watched.sent is not None:  # it was there: the entry's file is gone
-                watched.sent = None
-                self._emit(MetadataEvent("DELETED", watched.entry, None))
+            if watched.sent is not None:  # it was there: gone for good, or being rotated?
+                now = time.monotonic()
+                watched.missing_since = watched.missing_since or now
+                if now - watched.missing_since >= self.MISSING_GRACE_S:
+                    watched.sent = watched.missing_since = None
+                    self._emit(MetadataEvent("DELETED", watched.entry, None))
             return
+        watched.missing_since = None
         inode = (info.st_dev, info.st_ino)
         if inode != watched.inode:
             old = watched.handle
