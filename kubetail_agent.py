@@ -1337,10 +1337,18 @@ async def scan_window(view: LogView, begin: int, end: int, options: StreamOption
     and their results are yielded strictly in order, so memory stays bounded.
     """
     loop = asyncio.get_running_loop()
-    # Unfiltered chunks turn into as many records as lines: keep them small. Grep chunks mostly
-    # turn into nothing, and larger ones keep RE2 in C longer per call.
-    largest = 16 << 20 if options.grep is not None else 1 << 20
-    chunks = plan_chunks(view, begin, end, backward, largest=largest)
+    if options.grep is None:
+        # Unfiltered: every line becomes a record, and the gRPC writes, not the parsing, set the
+        # pace. Parse on the loop in small chunks: worker threads would only contend for the GIL.
+        for chunk in plan_chunks(view, begin, end, backward, first=64 << 10, largest=256 << 10):
+            batch = scan_chunk(view, chunk, options)
+            if batch:
+                if backward:
+                    batch.reverse()
+                yield batch
+        return
+    # Grep chunks mostly turn into nothing, and larger ones keep RE2 in C longer per call.
+    chunks = plan_chunks(view, begin, end, backward)
     inflight: collections.deque[concurrent.futures.Future[list[bytes]]] = collections.deque()
     try:
         while True:
