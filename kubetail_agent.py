@@ -69,6 +69,7 @@ class Config:
     logging_enabled: bool = True
     logging_level: str = "info"
     logging_format: str = "json"
+    tls_switch: bool | None = None  # tls.enabled; None: on when cert and key files are set
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
@@ -181,8 +182,10 @@ CONFIG_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "container-logs-dir": ("container_logs_dir", _parse_str),
     "node-name": ("node_name", _parse_str),
     "logging.enabled": ("logging_enabled", _parse_bool),
-    "logging.level": ("logging_level", _parse_choice("debug", "info", "warn", "error")),
+    # "disabled": the level Kubetail's Helm chart documents for turning logging off
+    "logging.level": ("logging_level", _parse_choice("debug", "info", "warn", "error", "disabled")),
     "logging.format": ("logging_format", _parse_choice("json", "pretty")),
+    "tls.enabled": ("tls_switch", _parse_bool),  # Kubetail's Helm chart always writes it
     "tls.cert-file": ("tls_cert_file", _parse_str),
     "tls.key-file": ("tls_key_file", _parse_str),
     "tls.ca-file": ("tls_ca_file", _parse_str),
@@ -285,6 +288,13 @@ def load_config(
         except ValueError as exc:
             raise ConfigError(f"config key {key}: {exc}") from None
     config = Config(**values)
+    if config.tls_switch is False:
+        named = [key for key in ("tls.cert-file", "tls.key-file", "tls.ca-file") if values.get(CONFIG_KEYS[key][0])]
+        if named:
+            warnings.append(f"tls.enabled is false: {', '.join(named)} ignored")
+        config = dataclasses.replace(config, tls_cert_file="", tls_key_file="", tls_ca_file="")
+    if config.tls_switch and not (config.tls_cert_file and config.tls_key_file):
+        raise ConfigError("tls.enabled is true: set tls.cert-file and tls.key-file")
     if bool(config.tls_cert_file) != bool(config.tls_key_file):
         raise ConfigError("tls.cert-file and tls.key-file must be set together")
     if config.tls_ca_file and not config.tls_enabled:
@@ -356,7 +366,8 @@ def setup_logging(config: Config) -> None:
     log.handlers[:] = [handler]
     log.propagate = False
     level = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
-    log.setLevel(level[config.logging_level] if config.logging_enabled else logging.CRITICAL + 1)
+    enabled = config.logging_enabled and config.logging_level != "disabled"
+    log.setLevel(level[config.logging_level] if enabled else logging.CRITICAL + 1)
 
 
 def log_event(level: int, msg: str, **fields: Any) -> None:

@@ -243,6 +243,50 @@ def test_tls_files_must_come_together() -> None:
     assert config.tls_enabled
 
 
+def test_tls_enabled_switch() -> None:
+    """tls.enabled (Kubetail's Helm chart writes it, with null file paths when false)."""
+    files = ["tls.cert-file:/c.pem", "tls.key-file:/k.pem"]
+    config, warnings = load_config(None, ["tls.enabled:false", *files, "tls.ca-file:/ca.pem"], env={})
+    assert not config.tls_enabled and (config.tls_cert_file, config.tls_ca_file) == ("", "")
+    assert warnings == ["tls.enabled is false: tls.cert-file, tls.key-file, tls.ca-file ignored"]
+    assert load_config(None, ["tls.enabled:true", *files], env={})[0].tls_enabled
+    with pytest.raises(ConfigError, match="tls.enabled is true: set tls.cert-file and tls.key-file"):
+        load_config(None, ["tls.enabled:true", "tls.cert-file:/c.pem"], env={})
+    with pytest.raises(ConfigError, match="auth-mode identity needs mutual TLS"):
+        load_config(None, ["tls.enabled:false", *files, "tls.ca-file:/ca.pem", "auth-mode:identity"], env={})
+
+
+HELM_CHART_CONFIG = """\
+allowed-namespaces:
+- default
+- kube-system
+cluster-agent:
+  addr: :50051
+  logging:
+    enabled: true
+    level: "info"
+    format: "json"
+  tls:
+    enabled: false
+    cert-file: null
+    key-file: null
+"""
+
+
+def test_helm_chart_config_loads_without_warnings(tmp_path: pathlib.Path) -> None:
+    """The config.yaml Kubetail's Helm chart renders for its cluster agent (defaults plus
+    allowedNamespaces): the drop-in image must take it as it is."""
+    path = tmp_path / "config.yaml"
+    path.write_text(HELM_CHART_CONFIG)
+    config, warnings = load_config(str(path), env={"NODE_NAME": "node-1"})
+    assert warnings == []
+    assert config == Config(addr=":50051", node_name="node-1", allowed_namespaces=("default", "kube-system"),
+                            tls_switch=False)
+    path.write_text(HELM_CHART_CONFIG.replace('level: "info"', 'level: "disabled"'))
+    config, _ = load_config(str(path), env={})
+    assert config.logging_level == "disabled"
+
+
 def test_unknown_keys_are_warnings(tmp_path: pathlib.Path) -> None:
     path = write_config(tmp_path / "config.yaml", {"bogus": 1, "logging": {"level": "debug", "colour": "red"},
                                                    "extra": {"deep": {"er": 1}}})
@@ -439,6 +483,7 @@ def test_logging_disabled_and_pretty(logs_dir: pathlib.Path) -> None:
     log_path(logs_dir).write_text(cri("2024-05-01T10:00:00Z", "quiet"))
     for extra, check in (
         (["-p", "logging.enabled:false"], lambda lines: lines == []),  # not even the warning
+        (["-p", "logging.level:disabled"], lambda lines: lines == []),  # the Helm chart's spelling
         (["-p", "logging.format:pretty", "-p", "logging.level:debug"],
          lambda lines: any("serving" in line for line in lines) and any("bogus" in line for line in lines)
          and not any(line.startswith("{") for line in lines)),
