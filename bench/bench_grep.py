@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 # gRPC's C core logs connection teardown (GOAWAY) at INFO on stderr; keep the output a table.
@@ -238,6 +239,30 @@ def warm(path: pathlib.Path) -> None:
 ###############################################################################
 
 
+class MemoryPeaks:
+    """Peak RssAnon/RssFile of a server, sampled every 10 ms (VmHWM lumps the two together)."""
+
+    def __init__(self, server: Server) -> None:
+        self.peaks = server.memory_kib()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.01):
+                try:
+                    now = server.memory_kib()
+                except (OSError, ValueError):
+                    return
+                self.peaks = {key: max(value, now.get(key, 0)) for key, value in self.peaks.items()}
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {key: value / 1024 for key, value in self.peaks.items()}
+
+
 class Server:
     """A subprocess that logs {"msg":"serving","port":N} on stderr (stderr goes to a file)."""
 
@@ -272,6 +297,13 @@ class Server:
         """user+sys CPU time the process has used so far (all threads)."""
         fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def memory_kib(self) -> dict[str, int]:
+        """RssAnon and RssFile now (kB): anonymous memory is what a memory limit must hold; file
+        pages are the mapped log (page cache, reclaimable)."""
+        status = pathlib.Path(f"/proc/{self.pid}/status").read_text()
+        return {key: int(line.split()[1]) for line in status.splitlines()
+                for key in ("RssAnon", "RssFile") if line.startswith(key + ":")}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -521,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     agent = start_agent(directory, args.threads, args.agent_dir.resolve())
+    idle = {key: value / 1024 for key, value in agent.memory_kib().items()}
+    memory = MemoryPeaks(agent)
     rows = []
     try:
         client = Client(agent.port)
@@ -572,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             unfiltered = (ceiling_best, agent_best)
         client.close()
     finally:
+        peaks = memory.stop()
         agent.stop()
 
     threads = args.threads or "default"
@@ -614,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nunfiltered: agent at {share:.0%} of the transport ceiling, best against best "
               f"({median_share:.0%} median against median); target ≥ {UNFILTERED_TARGET:.0%}: "
               f"{'ok' if ok else 'MISSED'}")
+    print(f"\nagent memory (sizes deploy/'s requests and limits): idle RssAnon {idle['RssAnon']:.0f} MiB; "
+          f"peak during the runs RssAnon {peaks['RssAnon']:.0f} MiB, RssFile {peaks['RssFile']:.0f} MiB "
+          "(mapped log pages: page cache, reclaimable)")
     return 1 if failures else 0
 
 

@@ -224,22 +224,26 @@ def make_ca(name: str) -> Issued:
     return Issued(key, cert)
 
 
-def issue(ca: Issued, name: str, server: bool, expired: bool = False) -> Issued:
+def issue(ca: Issued, name: str, server: bool, expired: bool = False, client_too: bool = False) -> Issued:
+    """A leaf certificate with CN `name`. A server certificate is valid for 127.0.0.1, localhost and
+    `name`; with client_too it may also authenticate a client (as deploy/'s health probe uses it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     not_after = NOW - datetime.timedelta(hours=1) if expired else NOW + datetime.timedelta(days=30)
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + \
+        ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_too or not server else [])
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(NOW - datetime.timedelta(days=1)).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
     if server:
         builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost"), x509.DNSName(name)]),
+            critical=False)
     else:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
     return Issued(key, builder.sign(ca.key, hashes.SHA256()))
