@@ -266,8 +266,8 @@ class MemoryPeaks:
 class Server:
     """A subprocess that logs {"msg":"serving","port":N} on stderr (stderr goes to a file)."""
 
-    def __init__(self, args: list[str], log_name: str, cwd: pathlib.Path = REPO) -> None:
-        self.log_path = DATA / log_name
+    def __init__(self, args: list[str], log_path: pathlib.Path, cwd: pathlib.Path = REPO) -> None:
+        self.log_path = log_path
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.log, cwd=cwd, env=env)
@@ -322,7 +322,7 @@ def start_agent(directory: pathlib.Path, threads: int | None, agent_dir: pathlib
             "-p", f"container-logs-dir:{directory}", "-p", "auth-mode:none"]
     if threads:
         args += ["-p", f"scan-threads:{threads}"]
-    return Server(args, "agent.log", cwd=agent_dir)
+    return Server(args, DATA / "agent.log", cwd=agent_dir)
 
 
 def describe(agent_dir: pathlib.Path) -> str:
@@ -339,7 +339,7 @@ def describe(agent_dir: pathlib.Path) -> str:
 
 def start_ceiling(path: pathlib.Path) -> Server:
     return Server([sys.executable, str(pathlib.Path(__file__).resolve()), "_ceiling-server", str(path)],
-                  "ceiling.log")
+                  DATA / "ceiling.log")
 
 
 def ceiling_server(path: str) -> int:

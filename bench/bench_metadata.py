@@ -39,6 +39,7 @@ import time
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+import bench_grep as bg  # noqa: E402
 import grpc  # noqa: E402
 
 from kubetail_agent_proto import cluster_agent_pb2 as pb  # noqa: E402
@@ -79,37 +80,12 @@ def build(root: pathlib.Path, files: int) -> tuple[pathlib.Path, list[pathlib.Pa
 ###############################################################################
 
 
-class Agent:
+class Agent(bg.Server):
+    """The agent serving `logs`, and what this benchmark reads of it from /proc."""
+
     def __init__(self, logs: pathlib.Path, log_file: pathlib.Path) -> None:
-        self.log_file = log_file
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetail_agent", "serve", "-a", "127.0.0.1:0",
-             "-p", f"container-logs-dir:{logs}", "-p", "auth-mode:none"],
-            stdout=subprocess.DEVNULL, stderr=open(log_file, "wb"), cwd=REPO)
-        self.port = self._wait_port()
-
-    def _wait_port(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log_file.read_text(errors="replace").splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("msg") == "serving":
-                    return int(event["port"])
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise RuntimeError("agent did not start:\n" + self.log_file.read_text(errors="replace"))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        super().__init__([sys.executable, "-m", "kubetail_agent", "serve", "-a", "127.0.0.1:0",
+                          "-p", f"container-logs-dir:{logs}", "-p", "auth-mode:none"], log_file)
 
     def rss_mib(self) -> float:
         for row in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -133,7 +109,7 @@ class Agent:
 
     def errors(self) -> list[str]:
         out = []
-        for line in self.log_file.read_text(errors="replace").splitlines():
+        for line in self.log_path.read_text(errors="replace").splitlines():
             try:
                 event = json.loads(line)
             except ValueError:
@@ -142,15 +118,6 @@ class Agent:
             if event.get("level") not in ("debug", "info") and not event.get("msg", "").startswith("AUTH-MODE"):
                 out.append(line)
         return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 ###############################################################################

@@ -7,13 +7,14 @@ import ipaddress
 import json
 import os
 import pathlib
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -92,6 +93,127 @@ class AgentProcess:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+class StreamReader:
+    """A server-streaming call drained by a reader thread into a queue (items, then one end
+    marker), so a test waits for each item with a deadline and still learns how the stream ended."""
+
+    END = "end"
+    WAIT = 10  # default deadline for one expected item / state
+
+    def __init__(self, call: Any, convert: Callable[[Any], Any]) -> None:
+        self.call = call
+        self.convert = convert
+        self.queue: queue.Queue = queue.Queue()
+        self.ended: tuple[grpc.StatusCode, str] | None = None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                self.queue.put(self.convert(message))
+            self.queue.put((self.END, grpc.StatusCode.OK, ""))
+        except grpc.RpcError as exc:
+            self.queue.put((self.END, exc.code(), exc.details() or ""))
+
+    def _get(self, timeout: float, got: list) -> Any:
+        """The next item, None after `timeout`; fails the test if the stream ended instead."""
+        try:
+            item = self.queue.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if isinstance(item, tuple) and item[0] == self.END:
+            self.ended = (item[1], item[2])
+            pytest.fail(f"stream ended with {item[1]} {item[2]!r} after {got}")
+        return item
+
+    def poll(self) -> list:
+        """Whatever has arrived, without waiting."""
+        got: list = []
+        while (item := self._get(0, got)) is not None:
+            got.append(item)
+        return got
+
+    def take(self, count: int, timeout: float = WAIT) -> list:
+        """The next `count` items; fails if the stream ends first or one is not there in time."""
+        got: list = []
+        for _ in range(count):
+            item = self._get(timeout, got)
+            if item is None:
+                pytest.fail(f"nothing within {timeout} s; got so far {got}")
+            got.append(item)
+        return got
+
+    def until(self, predicate: Callable[[Any], bool], what: str, timeout: float = WAIT) -> list:
+        """Items up to and including the first that satisfies `predicate`."""
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self._get(deadline - time.monotonic(), got)
+            if item is None:
+                pytest.fail(f"not received within {timeout} s: {what}; got meanwhile {got}")
+            got.append(item)
+            if predicate(item):
+                return got
+
+    def status(self, timeout: float = WAIT) -> tuple[tuple[grpc.StatusCode, str], list]:
+        """Wait for the end of the stream: (code, details) and the items that came before it."""
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while self.ended is None:
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"the stream did not end within {timeout} s; items meanwhile: {got}")
+            if isinstance(item, tuple) and item[0] == self.END:
+                self.ended = (item[1], item[2])
+            else:
+                got.append(item)
+        return self.ended, got
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self.thread.join(self.WAIT)
+
+
+# /proc views of a process: what it holds on to (the leak tests compare them before and after).
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for row in handle:
+            if row.startswith("Threads:"):
+                return int(row.split()[1])
+    raise AssertionError("no Threads: line")
+
+
+def inotify_fds(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "inotify" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                out.append(fd)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return out
+
+
+def inotify_watches(pid: int) -> int:
+    """Kernel inotify watches the process holds, over all its inotify instances."""
+    total = 0
+    for fd in inotify_fds(pid):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as handle:
+                total += sum(1 for row in handle if row.startswith("inotify wd:"))
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def write_config(path: pathlib.Path, settings: dict) -> pathlib.Path:

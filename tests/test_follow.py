@@ -20,7 +20,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import AgentProcess, cri, docker, log_path, records, stream_request
+from conftest import (
+    AgentProcess,
+    StreamReader,
+    cri,
+    docker,
+    fd_count,
+    inotify_watches,
+    log_path,
+    records,
+    stream_request,
+    thread_count,
+)
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
 
@@ -50,87 +61,12 @@ def append(path: pathlib.Path, text: str) -> None:
         handle.write(text)
 
 
-class Follow:
-    """A StreamForward call consumed by a reader thread into a queue (records, then one end marker)."""
-
-    END = "end"
+class Follow(StreamReader):
+    """A StreamForward call read in the background; items are records() tuples."""
 
     def __init__(self, stub: pb_grpc.LogRecordsServiceStub, request: pb.LogRecordsStreamRequest,
                  timeout: float = CALL_TIMEOUT) -> None:
-        self.call = stub.StreamForward(request, timeout=timeout)
-        self.queue: queue.Queue = queue.Queue()
-        self.ended: tuple[grpc.StatusCode, str] | None = None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            for record in self.call:
-                self.queue.put(records([record])[0])
-            self.queue.put((self.END, grpc.StatusCode.OK, ""))
-        except grpc.RpcError as exc:
-            self.queue.put((self.END, exc.code(), exc.details() or ""))
-
-    def take(self, count: int, timeout: float = WAIT) -> list[tuple[str, str, bool]]:
-        """The next `count` records; fails if the stream ends first or one is not there in time."""
-        got: list[tuple[str, str, bool]] = []
-        for _ in range(count):
-            try:
-                item = self.queue.get(timeout=timeout)
-            except queue.Empty:
-                pytest.fail(f"no record within {timeout} s; got so far {got}")
-            if item[0] == self.END:
-                self.ended = (item[1], item[2])
-                pytest.fail(f"stream ended with {item[1]} {item[2]!r} after {got}")
-            got.append(item)
-        return got
-
-    def status(self, timeout: float = WAIT) -> tuple[tuple[grpc.StatusCode, str], list[tuple[str, str, bool]]]:
-        """Wait for the end of the stream: (code, details) and the records that came before it."""
-        got: list[tuple[str, str, bool]] = []
-        deadline = time.monotonic() + timeout
-        while self.ended is None:
-            try:
-                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"the stream did not end within {timeout} s; records meanwhile: {got}")
-            if item[0] == self.END:
-                self.ended = (item[1], item[2])
-            else:
-                got.append(item)
-        return self.ended, got
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self.thread.join(WAIT)
-
-
-# /proc views of the agent process: what a stream holds on to.
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def thread_count(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for row in handle:
-            if row.startswith("Threads:"):
-                return int(row.split()[1])
-    raise AssertionError("no Threads: line")
-
-
-def inotify_watches(pid: int) -> int:
-    """Kernel inotify watches the process holds, over all its inotify instances."""
-    total = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if "inotify" not in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as handle:
-                total += sum(1 for row in handle if row.startswith("inotify wd:"))
-        except FileNotFoundError:
-            continue  # closed meanwhile
-    return total
+        super().__init__(stub.StreamForward(request, timeout=timeout), lambda record: records([record])[0])
 
 
 def mappings_of(pid: int, path: pathlib.Path) -> int:

@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import pathlib
-import queue
 import re
 import shutil
 import signal
@@ -30,7 +29,7 @@ from typing import NamedTuple
 import grpc
 import pytest
 
-from conftest import CID, AgentProcess, write_config
+from conftest import CID, AgentProcess, StreamReader, fd_count, inotify_fds, inotify_watches, thread_count, write_config
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
 
@@ -195,85 +194,19 @@ def is_probe(event: Ev) -> bool:
     return event.name.startswith(PROBE_POD)
 
 
-class Watch:
-    """A Watch call consumed by a reader thread into a queue (events, then one end marker)."""
-
-    END = "end"
+class Watch(StreamReader):
+    """A Watch call read in the background; items are Ev tuples, `raw` the messages themselves."""
 
     def __init__(self, stub: pb_grpc.LogMetadataServiceStub, namespaces: Sequence[str] = (),
                  timeout: float = CALL_TIMEOUT) -> None:
-        self.call = stub.Watch(pb.LogMetadataWatchRequest(namespaces=list(namespaces)), timeout=timeout)
-        self.queue: queue.Queue = queue.Queue()
-        self.ended: tuple[grpc.StatusCode, str] | None = None
         self.raw: list[pb.LogMetadataWatchEvent] = []
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
 
-    def _read(self) -> None:
-        try:
-            for event in self.call:
-                self.raw.append(event)
-                self.queue.put(ev(event))
-            self.queue.put((self.END, grpc.StatusCode.OK, ""))
-        except grpc.RpcError as exc:
-            self.queue.put((self.END, exc.code(), exc.details() or ""))
+        def convert(event: pb.LogMetadataWatchEvent) -> Ev:
+            self.raw.append(event)
+            return ev(event)
 
-    def _get(self, timeout: float, got: list[Ev]) -> Ev | None:
-        try:
-            entry = self.queue.get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return None
-        if entry[0] == self.END:
-            self.ended = (entry[1], entry[2])
-            pytest.fail(f"watch stream ended with {entry[1]} {entry[2]!r} after {got}")
-        return entry
-
-    def poll(self) -> list[Ev]:
-        """Whatever has arrived, without waiting."""
-        got: list[Ev] = []
-        while (event := self._get(0, got)) is not None:
-            got.append(event)
-        return got
-
-    def take(self, count: int, timeout: float = WAIT) -> list[Ev]:
-        got: list[Ev] = []
-        for _ in range(count):
-            event = self._get(timeout, got)
-            if event is None:
-                pytest.fail(f"no event within {timeout} s; got so far {got}")
-            got.append(event)
-        return got
-
-    def until(self, predicate: Callable[[Ev], bool], what: str, timeout: float = WAIT) -> list[Ev]:
-        """Events up to and including the first that satisfies `predicate`."""
-        got: list[Ev] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self._get(deadline - time.monotonic(), got)
-            if event is None:
-                pytest.fail(f"not received within {timeout} s: {what}; got meanwhile {got}")
-            got.append(event)
-            if predicate(event):
-                return got
-
-    def status(self, timeout: float = WAIT) -> tuple[tuple[grpc.StatusCode, str], list[Ev]]:
-        """Wait for the end of the stream: (code, details) and the events that came before it."""
-        got: list[Ev] = []
-        deadline = time.monotonic() + timeout
-        while self.ended is None:
-            try:
-                entry = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"the stream did not end within {timeout} s; events meanwhile: {got}")
-            if entry[0] == self.END:
-                self.ended = (entry[1], entry[2])
-            else:
-                got.append(entry)
-        return self.ended, got
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self.thread.join(WAIT)
+        super().__init__(stub.Watch(pb.LogMetadataWatchRequest(namespaces=list(namespaces)), timeout=timeout),
+                         convert)
 
 
 class Prober:
@@ -342,41 +275,6 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) 
 # ---------------------------------------------------------------------------------------------
 # /proc views of a process
 # ---------------------------------------------------------------------------------------------
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def thread_count(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as handle:
-        for row in handle:
-            if row.startswith("Threads:"):
-                return int(row.split()[1])
-    raise AssertionError("no Threads: line")
-
-
-def inotify_fds(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if "inotify" in os.readlink(f"/proc/{pid}/fd/{fd}"):
-                out.append(fd)
-        except FileNotFoundError:
-            continue
-    return out
-
-
-def inotify_watches(pid: int) -> int:
-    """Kernel inotify watches the process holds, over all its inotify instances."""
-    total = 0
-    for fd in inotify_fds(pid):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as handle:
-                total += sum(1 for row in handle if row.startswith("inotify wd:"))
-        except FileNotFoundError:
-            continue
-    return total
 
 
 def user_watches(uid: int) -> int:
