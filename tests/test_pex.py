@@ -318,3 +318,27 @@ def test_image_runtime_layout(workdir: pathlib.Path) -> None:
 
 def snapshot(root: pathlib.Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+###############################################################################
+# The lock ####################################################################
+###############################################################################
+
+
+def test_lock_check_notices_a_dependency_change(tmp_path: pathlib.Path) -> None:
+    """`build.sh --check` passes on the committed tree and fails, naming the difference, as soon
+    as pyproject.toml's dependencies no longer match the lock."""
+    if shutil.which("pex3") is None:
+        pytest.skip("pex is not on PATH (tox -e pex installs it)")
+    for name in ("build.sh", "pyproject.toml", "kubetail_agent.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "deploy" / "lock", tmp_path / "deploy" / "lock")
+    result = run(["bash", str(tmp_path / "build.sh"), "--check"], timeout=120)
+    assert result.returncode == 0, result
+    pyproject = tmp_path / "pyproject.toml"
+    text = pyproject.read_text()
+    assert '"pyyaml' in text
+    pyproject.write_text(text.replace('"pyyaml', '"requests>=2",\n    "pyyaml', 1))
+    result = run(["bash", str(tmp_path / "build.sh"), "--check"], timeout=120)
+    assert result.returncode == 1, result
+    assert "requirements differ" in result.stderr and "requests" in result.stderr, result.stderr
