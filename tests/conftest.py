@@ -178,6 +178,15 @@ class StreamReader:
         self.thread.join(self.WAIT)
 
 
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = StreamReader.WAIT) -> None:
+    """Poll `predicate` until it holds; fail the test naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {timeout} s: {what}")
+        time.sleep(0.005)
+
+
 # /proc views of a process: what it holds on to (the leak tests compare them before and after).
 
 

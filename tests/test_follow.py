@@ -14,7 +14,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -31,6 +30,7 @@ from conftest import (
     records,
     stream_request,
     thread_count,
+    wait_until,
 )
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
@@ -74,14 +74,6 @@ def mappings_of(pid: int, path: pathlib.Path) -> int:
     target = str(path.resolve())
     with open(f"/proc/{pid}/maps") as handle:
         return sum(1 for row in handle if row.rstrip("\n").endswith(target))
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not reached within {timeout} s: {what}")
-        time.sleep(0.005)
 
 
 def wait_following(agent: AgentProcess, watches: int = 1) -> None:

@@ -29,7 +29,17 @@ from typing import NamedTuple
 import grpc
 import pytest
 
-from conftest import CID, AgentProcess, StreamReader, fd_count, inotify_fds, inotify_watches, thread_count, write_config
+from conftest import (
+    CID,
+    AgentProcess,
+    StreamReader,
+    fd_count,
+    inotify_fds,
+    inotify_watches,
+    thread_count,
+    wait_until,
+    write_config,
+)
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 from kubetail_agent_proto import cluster_agent_pb2_grpc as pb_grpc
 
@@ -262,14 +272,6 @@ def sync(prober: Prober, streams: Sequence[Watch], namespace: str = "probe",
             if not is_probe(event):
                 others[i].append(event)
     return others
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not reached within {timeout} s: {what}")
-        time.sleep(0.005)
 
 
 # ---------------------------------------------------------------------------------------------
