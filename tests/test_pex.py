@@ -234,6 +234,15 @@ def test_pex_runs_on_a_bare_interpreter(workdir: pathlib.Path) -> None:
     assert result.returncode != 0 and "No module named 'pip'" in result.stderr, result
     result = run(as_nobody(pex, "--version"))  # ./agent.pex: the shebang is /usr/bin/python3
     assert result.returncode == 0 and result.stdout.strip() == f"kubetail-agent {VERSION}", result
+    # No network: in a network namespace of its own (not even loopback up), the PEX unpacks,
+    # imports grpc, RE2 and protobuf, and greps a file (the `stream-forward` CLI).
+    if os.geteuid() == 0:
+        log_file = workdir / "logs" / "containers" / WEB_LOG
+        result = run(["unshare", "--net", "--", *as_nobody(SYSTEM_PYTHON, pex, "stream-forward",
+                                                           str(log_file), "--grep", "GET")])
+        assert result.returncode == 0, result
+        expected = [line for line in log_file.read_text().splitlines() if "GET" in line.split(" ", 3)[3]]
+        assert len(result.stdout.splitlines()) == len(expected) > 0, result
 
     agent = Agent(as_nobody(SYSTEM_PYTHON, pex), workdir / "logs")
     try:
