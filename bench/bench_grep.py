@@ -298,12 +298,16 @@ class Server:
         fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def memory_kib(self) -> dict[str, int]:
-        """RssAnon and RssFile now (kB): anonymous memory is what a memory limit must hold; file
-        pages are the mapped log (page cache, reclaimable)."""
+    def status_kib(self, *keys: str) -> dict[str, int]:
+        """The named kB fields of /proc/PID/status (VmRSS, RssAnon, RssFile...), now."""
         status = pathlib.Path(f"/proc/{self.pid}/status").read_text()
         return {key: int(line.split()[1]) for line in status.splitlines()
-                for key in ("RssAnon", "RssFile") if line.startswith(key + ":")}
+                for key in keys if line.startswith(key + ":")}
+
+    def memory_kib(self) -> dict[str, int]:
+        """RssAnon and RssFile: anonymous memory is what a memory limit must hold; file pages are
+        the mapped log (page cache, reclaimable)."""
+        return self.status_kib("RssAnon", "RssFile")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -88,10 +88,7 @@ class Agent(bg.Server):
                           "-p", f"container-logs-dir:{logs}", "-p", "auth-mode:none"], log_file)
 
     def rss_mib(self) -> float:
-        for row in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if row.startswith("VmRSS:"):
-                return int(row.split()[1]) / 1024
-        return 0.0
+        return self.status_kib("VmRSS")["VmRSS"] / 1024
 
     def inotify(self) -> tuple[int, int]:
         """(inotify instances, watches) of the agent, from /proc/<pid>/fd and fdinfo."""

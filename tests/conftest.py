@@ -95,11 +95,17 @@ class AgentProcess:
                 stream.close()
 
 
-class StreamReader:
-    """A server-streaming call drained by a reader thread into a queue (items, then one end
-    marker), so a test waits for each item with a deadline and still learns how the stream ended."""
+class Ended(NamedTuple):
+    """The last item a StreamReader queues: how its stream ended."""
 
-    END = "end"
+    code: grpc.StatusCode
+    details: str
+
+
+class StreamReader:
+    """A server-streaming call drained by a reader thread into a queue (items, then one Ended),
+    so a test waits for each item with a deadline and still learns how the stream ended."""
+
     WAIT = 10  # default deadline for one expected item / state
 
     def __init__(self, call: Any, convert: Callable[[Any], Any]) -> None:
@@ -114,9 +120,9 @@ class StreamReader:
         try:
             for message in self.call:
                 self.queue.put(self.convert(message))
-            self.queue.put((self.END, grpc.StatusCode.OK, ""))
+            self.queue.put(Ended(grpc.StatusCode.OK, ""))
         except grpc.RpcError as exc:
-            self.queue.put((self.END, exc.code(), exc.details() or ""))
+            self.queue.put(Ended(exc.code(), exc.details() or ""))
 
     def _get(self, timeout: float, got: list) -> Any:
         """The next item, None after `timeout`; fails the test if the stream ended instead."""
@@ -124,9 +130,9 @@ class StreamReader:
             item = self.queue.get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
-        if isinstance(item, tuple) and item[0] == self.END:
-            self.ended = (item[1], item[2])
-            pytest.fail(f"stream ended with {item[1]} {item[2]!r} after {got}")
+        if isinstance(item, Ended):
+            self.ended = (item.code, item.details)
+            pytest.fail(f"stream ended with {item.code} {item.details!r} after {got}")
         return item
 
     def poll(self) -> list:
@@ -167,8 +173,8 @@ class StreamReader:
                 item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 pytest.fail(f"the stream did not end within {timeout} s; items meanwhile: {got}")
-            if isinstance(item, tuple) and item[0] == self.END:
-                self.ended = (item[1], item[2])
+            if isinstance(item, Ended):
+                self.ended = (item.code, item.details)
             else:
                 got.append(item)
         return self.ended, got

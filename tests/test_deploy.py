@@ -8,6 +8,7 @@ from that config with the projected /etc/kubetail layout (mTLS, auth-mode identi
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import re
@@ -17,12 +18,14 @@ import sys
 import yaml
 
 from conftest import REPO, AgentProcess, Pki, issue
+from kubetail_agent import __version__
 
 MANIFEST = REPO / "deploy" / "kubetail-agent.yaml"
 DOCKERFILE = REPO / "Dockerfile.distroless"
 ETC = "/etc/kubetail"
 
 
+@functools.cache
 def manifests() -> dict[str, dict]:
     docs = [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
     by_kind = {doc["kind"]: doc for doc in docs}
@@ -35,9 +38,14 @@ def agent_container() -> dict:
     return container
 
 
+@functools.cache
+def dockerfile() -> str:
+    return DOCKERFILE.read_text()
+
+
 def dockerfile_exec_form(instruction: str) -> list[str]:
     """The JSON array of the final stage's ENTRYPOINT or CMD."""
-    final_stage = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    final_stage = dockerfile().rsplit("\nFROM ", 1)[1]
     (line,) = re.findall(rf"^{instruction} (\[.*\])$", final_stage, re.M)
     return json.loads(line)
 
@@ -52,13 +60,12 @@ def test_daemonset_runs_the_image_as_built() -> None:
     probe = container["readinessProbe"]["exec"]["command"]
     assert container["livenessProbe"]["exec"]["command"] == probe
     assert probe[0] == "/bin/grpc_health_probe"
-    assert f"ln -s {launcher} /rootfs/bin/grpc_health_probe" in DOCKERFILE.read_text()
+    assert f"ln -s {launcher} /rootfs/bin/grpc_health_probe" in dockerfile()
     assert container["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
-    assert "EXPOSE 50051" in DOCKERFILE.read_text()
+    assert "EXPOSE 50051" in dockerfile()
     # One version everywhere: the module's, the image label's default, the manifest's image tag.
-    version = re.search(r'^__version__ = "(.+)"$', (REPO / "kubetail_agent.py").read_text(), re.M)[1]
-    assert f"ARG VERSION={version}\n" in DOCKERFILE.read_text()
-    assert container["image"].endswith(f":{version}")
+    assert f"ARG VERSION={__version__}\n" in dockerfile()
+    assert container["image"].endswith(f":{__version__}")
 
 
 def test_daemonset_reads_host_logs_read_only_with_one_capability() -> None:
