@@ -289,7 +289,8 @@ def load_config(
             raise ConfigError(f"config key {key}: {exc}") from None
     config = Config(**values)
     if config.tls_switch is False:
-        named = [key for key in ("tls.cert-file", "tls.key-file", "tls.ca-file") if values.get(CONFIG_KEYS[key][0])]
+        named = [key for key, value in (("tls.cert-file", config.tls_cert_file), ("tls.key-file", config.tls_key_file),
+                                        ("tls.ca-file", config.tls_ca_file)) if value]
         if named:
             warnings.append(f"tls.enabled is false: {', '.join(named)} ignored")
         config = dataclasses.replace(config, tls_cert_file="", tls_key_file="", tls_ca_file="")
@@ -365,9 +366,10 @@ def setup_logging(config: Config) -> None:
     handler.setFormatter(JsonLogFormatter() if config.logging_format == "json" else PrettyLogFormatter())
     log.handlers[:] = [handler]
     log.propagate = False
-    level = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
-    enabled = config.logging_enabled and config.logging_level != "disabled"
-    log.setLevel(level[config.logging_level] if enabled else logging.CRITICAL + 1)
+    silent = logging.CRITICAL + 1
+    level = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR,
+             "disabled": silent}
+    log.setLevel(level[config.logging_level] if config.logging_enabled else silent)
 
 
 def log_event(level: int, msg: str, **fields: Any) -> None:
