@@ -104,19 +104,13 @@ EOF
     rm -f "$raw"
 }
 
-# Arguments shared by `--lock` and `--check`: the same resolve, so the check can compare.
-lock_create() {
-    local out=$1
+make_lock() {
+    need_pex
     local -a reqs plats
     mapfile -t reqs < <(requirements)
     mapfile -t plats < <(platform_args)
     pex3 lock create --style strict --pip-version "$PIP_VERSION" --wheel --no-build \
-        "${plats[@]}" --indent 1 -o "$out" "${reqs[@]}"
-}
-
-make_lock() {
-    need_pex
-    lock_create "$LOCK"
+        "${plats[@]}" --indent 1 -o "$LOCK" "${reqs[@]}"
     echo "wrote $LOCK"
 }
 
