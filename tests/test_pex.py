@@ -57,10 +57,10 @@ def _missing() -> str | None:
     return None
 
 
-if _missing():
+if (MISSING := _missing()) is not None:
     if os.environ.get("KUBETAIL_PEX_REQUIRED") == "1":
-        raise RuntimeError(_missing())
-    pytest.skip(_missing(), allow_module_level=True)
+        raise RuntimeError(MISSING)
+    pytest.skip(MISSING, allow_module_level=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
