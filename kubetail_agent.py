@@ -17,6 +17,7 @@ import asyncio
 import calendar
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -1409,8 +1410,11 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
         if options.start_ns is not None and options.stop_ns is not None and options.start_ns > options.stop_ns:
             begin = end
         if begin < end:
-            async for batch in scan_window(view, begin, end, options, pool, backward):
-                yield batch
+            # aclosing: a consumer that stops early (a cancelled client) must have the scan's
+            # workers finished before the view below is unmapped and its fd closed.
+            async with contextlib.aclosing(scan_window(view, begin, end, options, pool, backward)) as batches:
+                async for batch in batches:
+                    yield batch
         if follow:
             fmt = view.format if view.size else None
             view.close()
@@ -1419,8 +1423,9 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
             handed_over, fd = fd, -1  # follow_file closes it (it may swap files on rotation)
             if options.follow_from == END:
                 options = dataclasses.replace(options, start_ns=None)  # END ignores start_time
-            async for line in follow_file(path, handed_over, end, fmt, options, inotify):
-                yield encode_lines([line], options.max_record_bytes)
+            async with contextlib.aclosing(follow_file(path, handed_over, end, fmt, options, inotify)) as lines:
+                async for line in lines:
+                    yield encode_lines([line], options.max_record_bytes)
     finally:
         if view is not None:
             view.close_soon()
@@ -2102,9 +2107,12 @@ class LogRecordsServicer:
                 if state.shutting_down.is_set():
                     raise asyncio.CancelledError()
             write = context.write
-            async for batch in stream_records(path, options, state.pool, backward, state.inotify):
-                for record in batch:
-                    await write(record)
+            # aclosing: on cancel, stream_records' cleanup runs now, not whenever the GC finds it.
+            async with contextlib.aclosing(stream_records(path, options, state.pool, backward,
+                                                          state.inotify)) as batches:
+                async for batch in batches:
+                    for record in batch:
+                        await write(record)
         except RequestError as exc:
             log_event(logging.DEBUG, "stream refused", method=method, code=exc.code, error=exc.message)
             await context.abort(_status(exc.code), exc.message)
@@ -2601,10 +2609,11 @@ async def _print_records(args: argparse.Namespace, backward: bool) -> int:
     inotify = InotifyHub()
     out = sys.stdout
     try:
-        async for batch in stream_records(args.path, options, pool, backward, inotify):
-            out.write("".join(record_json(pb.LogRecord.FromString(record)) + "\n" for record in batch))
-            if follow != NOOP:
-                out.flush()
+        async with contextlib.aclosing(stream_records(args.path, options, pool, backward, inotify)) as batches:
+            async for batch in batches:
+                out.write("".join(record_json(pb.LogRecord.FromString(record)) + "\n" for record in batch))
+                if follow != NOOP:
+                    out.flush()
     finally:
         inotify.close()
         pool.shutdown()

@@ -672,3 +672,28 @@ def test_cancelled_streams_release_everything(logs_dir: pathlib.Path, agent, rec
     # Cancelling is routine: nothing logged above info (but the start-up warning of auth-mode none).
     assert [event for event in agent.events() if event.get("level") not in ("debug", "info")
             and not event["msg"].startswith("AUTH-MODE NONE")] == []
+
+
+def test_cancelled_grep_scans_release_everything(logs_dir: pathlib.Path, agent, records_stub) -> None:
+    """NOOP and backward grep streams over a large file, cancelled while the scan pool is still
+    scanning ahead: every handle and mapping is released, and nothing but JSON reaches stderr."""
+    path = log_path(logs_dir)
+    with open(path, "w") as handle:  # ~40 MiB, one match every 100 lines
+        for block in range(2000):
+            handle.write("".join(cri(f"2024-05-01T10:00:00.{block * 100 + i:09d}Z",
+                                     "line sku000Q" if i == 0 else f"line {i} " + "x" * 150) for i in range(100)))
+    pid = agent.proc.pid
+    warm = Follow(records_stub, stream_request(grep=r"[a-z]+\d{3}[A-Z]"))  # pool threads exist now
+    assert len(warm.status()[1]) == 2000
+    fds = fd_count(pid)
+    for i in range(40):
+        request = stream_request(grep=r"[a-z]+\d{3}[A-Z]")
+        call = records_stub.StreamBackward(request) if i % 2 else records_stub.StreamForward(request)
+        stream = StreamReader(call, lambda record: record)
+        stream.take(1 + i % 5)
+        stream.cancel()
+    wait_until(lambda: fd_count(pid) <= fds and mappings_of(pid, path) == 0,
+               f"fds back to {fds}, no mapping (now {fd_count(pid)} fds, {mappings_of(pid, path)} mappings)")
+    assert [line for line in agent.lines if not line.startswith("{")] == []
+    assert [event for event in agent.events() if event.get("level") not in ("debug", "info")
+            and not event["msg"].startswith("AUTH-MODE NONE")] == []
