@@ -814,6 +814,10 @@ def iter_lines_backward(buf: Any, start: int, end: int) -> Iterator[tuple[int, i
         content_end = stop - 1
 
 
+class FileShrank(Exception):
+    """The log was truncated (copytruncate) under a scan: mapped pages past its new end are gone."""
+
+
 class LogView:
     """A read-only window onto one log file: its mmap, size snapshot and format."""
 
@@ -831,6 +835,33 @@ class LogView:
         if isinstance(self.buf, mmap.mmap):
             self.buf.close()
         self.buf = b""
+
+    def require(self, end: int) -> None:
+        """Raise FileShrank unless the file still reaches `end`.
+
+        Touching a mapped page past the end of a truncated file is SIGBUS, which kills the whole
+        agent. The mapping is used on the event loop only for short reads (a chunk's cut points,
+        the window's binary search), each after this check; chunks are scanned on a copy
+        (read_range).
+        """
+        if os.fstat(self.fd).st_size < end:
+            raise FileShrank(self.path)
+
+    def read_range(self, begin: int, end: int) -> LogView:
+        """A view of a private copy of the file's bytes [begin, end), offsets relative to `begin`.
+
+        pread, not the mapping: a copytruncate during a long scan (a grep matching most lines
+        parses for seconds) cannot fault it, a short read says the file shrank, and the kernel
+        copies from the page cache without building page tables (measured no slower than
+        scanning a fresh mapping).
+        """
+        data = os.pread(self.fd, end - begin, begin)
+        if len(data) < end - begin:
+            raise FileShrank(self.path)
+        part = LogView.__new__(LogView)
+        part.fd, part.path, part.format, part.parse = self.fd, self.path, self.format, self.parse
+        part.buf, part.size = data, len(data)
+        return part
 
     def close_soon(self) -> None:
         """Unmap off the event loop: munmap of a large mapping takes ~17 ms per 512 MiB."""
@@ -1058,12 +1089,13 @@ class Chunk(NamedTuple):
 
 
 def plan_chunks(view: LogView, begin: int, end: int, backward: bool,
-                first: int = 256 << 10, largest: int = 16 << 20) -> Iterator[Chunk]:
+                first: int = 256 << 10, largest: int = 4 << 20) -> Iterator[Chunk]:
     """Cut [begin, end) into group-aligned chunks, small first so the first records come fast."""
     size = first
     if not backward:
         pos = begin
         while pos < end:
+            view.require(end)
             cut = end if end - pos <= size else view.group_end(line_end(view.buf, pos + size, end)[1], end)
             yield Chunk(pos, cut)
             pos = cut
@@ -1071,6 +1103,7 @@ def plan_chunks(view: LogView, begin: int, end: int, backward: bool,
     else:
         pos = end
         while pos > begin:
+            view.require(end)
             cut = begin if pos - begin <= size else view.group_start(
                 line_start_before(view.buf, pos - size, begin), begin)
             if cut >= pos:  # one huge line: take it whole
@@ -1312,8 +1345,11 @@ def encode_lines(lines: list[Line], max_bytes: int) -> list[bytes]:
 def scan_chunk(view: LogView, chunk: Chunk, options: StreamOptions) -> list[bytes]:
     """The encoded records of one group-aligned chunk, oldest first (runs in a worker thread).
 
-    Encoding here, not on the event loop, keeps the loop free for gRPC writes.
+    Encoding here, not on the event loop, keeps the loop free for gRPC writes. The chunk is
+    scanned on its own copy (LogView.read_range), with offsets relative to its start.
     """
+    view = view.read_range(chunk.begin, chunk.end)
+    chunk = Chunk(0, view.size)
     grep = options.grep
     if grep is None:
         return _encode_range(view, chunk.begin, chunk.end, options.max_record_bytes)
@@ -1412,9 +1448,14 @@ async def stream_records(path: str, options: StreamOptions, pool: ScanPool, back
         if begin < end:
             # aclosing: a consumer that stops early (a cancelled client) must have the scan's
             # workers finished before the view below is unmapped and its fd closed.
-            async with contextlib.aclosing(scan_window(view, begin, end, options, pool, backward)) as batches:
-                async for batch in batches:
-                    yield batch
+            try:
+                async with contextlib.aclosing(scan_window(view, begin, end, options, pool, backward)) as batches:
+                    async for batch in batches:
+                        yield batch
+            except FileShrank:
+                # The window's rest is gone: it ends where the file now ends. A follow goes on
+                # from the truncated file's start (follow_file sees it shorter than `end`).
+                log_event(logging.DEBUG, "log truncated while its window was read", path=path)
         if follow:
             fmt = view.format if view.size else None
             view.close()

@@ -28,6 +28,7 @@ from conftest import (
     inotify_watches,
     log_path,
     records,
+    still_serves,
     stream_request,
     thread_count,
     wait_until,
@@ -697,3 +698,29 @@ def test_cancelled_grep_scans_release_everything(logs_dir: pathlib.Path, agent, 
     assert [line for line in agent.lines if not line.startswith("{")] == []
     assert [event for event in agent.events() if event.get("level") not in ("debug", "info")
             and not event["msg"].startswith("AUTH-MODE NONE")] == []
+
+
+@pytest.mark.parametrize("grep", ["", "line"], ids=["unfiltered", "grep"])
+def test_truncated_while_its_history_streams(logs_dir: pathlib.Path, agent, channel, records_stub, grep) -> None:
+    """copytruncate while the window is still being sent (the client reads slowly): the agent
+    must not touch the mapped pages that no longer exist (SIGBUS would kill it). A NOOP stream
+    ends OK where the file now ends; a DEFAULT stream follows on from the truncated file's start."""
+    path = log_path(logs_dir)
+    total = 300_000  # ~50 MiB: far more than gRPC's flow-control windows hold
+    with open(path, "w") as handle:
+        for block in range(total // 1000):
+            handle.write("".join(cri(f"2024-05-01T10:00:00.{block * 1000 + i:09d}Z", f"line {i} " + "x" * 120)
+                                 for i in range(1000)))
+    noop = records_stub.StreamForward(stream_request(grep=grep), timeout=60)
+    follow = records_stub.StreamForward(stream_request(grep=grep, follow_from=pb.DEFAULT), timeout=60)
+    for call in (noop, follow):
+        for _ in range(5):
+            next(call)
+    time.sleep(0.5)  # both streams now wait on flow control, far from the end of the window
+    os.truncate(path, 0)
+    append(path, line(1, "line after truncation"))
+    assert sum(1 for _ in noop) < total - 5  # ends OK (a status would raise here), short of the old end
+    follow_rest = StreamReader(follow, lambda record: records([record])[0])
+    follow_rest.until(lambda r: r[1] == "line after truncation", "the line written after the truncation")
+    follow_rest.cancel()
+    still_serves(agent, channel, logs_dir)
