@@ -2187,6 +2187,9 @@ class LogMetadataServicer:
         except RequestError as exc:
             log_event(logging.DEBUG, "list refused", code=exc.code, error=exc.message)
             await context.abort(_status(exc.code), exc.message)
+        except Exception:  # noqa: BLE001 - a client must get a status, never UNKNOWN
+            log.exception("list failed")
+            await context.abort(_status("INTERNAL"), "internal error; see the agent's log")
         node = state.config.node_name
         return pb.LogMetadataList(items=[metadata_message(entry, info, node) for entry, info in found])
 
