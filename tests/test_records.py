@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import grpc
 import pytest
 
-from conftest import cri, docker, log_path, records, stream_request
+from conftest import SAMPLE_LOGS, cri, docker, log_path, records, run_cli, stream_request
 from kubetail_agent_proto import cluster_agent_pb2 as pb
 
 T = "2024-05-01T10:00:0{}Z"
@@ -228,3 +229,32 @@ def test_fused_cri_encoder_matches_the_general_path() -> None:
             expected.extend(agent.encode_log_record(p) for p in agent.line_records(line, 4096))
     assert agent.encode_cri_records(data, 4096) == expected
     assert all(pb.LogRecord.FromString(r).SerializeToString() == r for r in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The local CLI: the same code path, JSON lines on stdout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_stream_backward_and_forward_print_protobuf_json() -> None:
+    api = next(SAMPLE_LOGS.glob("api-*.log"))  # CRI-O style: +01:00 offsets, 9 digits
+    ansi = "\u001b[31mERROR\u001b[0m \u001b[1mrequest\u001b[0m handled id="
+    result = run_cli("stream-backward", str(api), "--grep", "ERROR", "--start-time", "2026-11-28T10:00:05+01:00",
+                     "--stop-time", "2026-11-28T09:00:11.000000011Z")
+    assert result.returncode == 0, result
+    assert [json.loads(row) for row in result.stdout.splitlines()] == [
+        {"timestamp": f"2026-11-28T09:00:{i:02d}.{i:09d}Z", "message": ansi.encode().decode("unicode_escape") + str(i),
+         "isFinal": True} for i in (11, 8, 5)]
+    result = run_cli("stream-forward", str(api), "--stop-time", "2026-11-28T09:00:01.000000001Z")
+    assert result.returncode == 0, result
+    assert [json.loads(row)["timestamp"] for row in result.stdout.splitlines()] == [
+        "2026-11-28T09:00:00.000000000Z", "2026-11-28T09:00:01.000000001Z"]
+    assert result.stdout.splitlines()[0].startswith('{"timestamp": "2026-11-28T09:00:00.000000000Z", "message": ')
+
+
+def test_cli_errors_are_one_line_and_exit_1(tmp_path: pathlib.Path) -> None:
+    for args in (["stream-forward", str(tmp_path / "missing.log")],
+                 ["stream-backward", str(next(SAMPLE_LOGS.glob("api-*.log"))), "--grep", "(unclosed"]):
+        result = run_cli(*args)
+        assert result.returncode == 1 and result.stdout == "", result
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
