@@ -31,6 +31,20 @@ def test_wire_contract() -> None:
         "namespace": 1, "pod_name": 2, "container_name": 3, "container_id": 4, "start_time": 5,
         "stop_time": 6, "grep": 7, "follow_from": 8}
     assert dict(pb.FollowFrom.items()) == {"NOOP": 0, "DEFAULT": 1, "END": 2}
+    string, enum = 9, 14  # FieldDescriptor types
+    assert {v[1] for v in _fields(pb.LogMetadataSpec).values()} == {string}
+    assert {n: v[1] for n, v in _fields(pb.LogRecordsStreamRequest).items()} == {
+        **dict.fromkeys(["namespace", "pod_name", "container_name", "container_id", "start_time", "stop_time",
+                         "grep"], string), "follow_from": enum}
+    assert pb.LogRecordsStreamRequest.DESCRIPTOR.fields_by_name["follow_from"].enum_type.full_name == \
+        "cluster_agent.FollowFrom"
+    assert _fields(pb.LogMetadataList) == {"items": (1, "cluster_agent.LogMetadata")}
+    assert _fields(pb.LogMetadataListRequest) == _fields(pb.LogMetadataWatchRequest) == {"namespaces": (1, string)}
+    assert _fields(pb.LogMetadataWatchEvent) == {"type": (1, string), "object": (2, "cluster_agent.LogMetadata")}
+    repeated = {(m.name, f.name) for m in pb.DESCRIPTOR.message_types_by_name.values()
+                for f in m.fields if f.is_repeated}
+    assert repeated == {("LogMetadataList", "items"), ("LogMetadataListRequest", "namespaces"),
+                        ("LogMetadataWatchRequest", "namespaces")}
     services = {s.name: {m.name: (m.input_type.name, m.output_type.name, m.server_streaming)
                          for m in s.methods} for s in pb.DESCRIPTOR.services_by_name.values()}
     assert services == {
