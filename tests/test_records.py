@@ -169,10 +169,19 @@ def _mapped_rss_kib(pid: int, path: str) -> int | None:
     return total
 
 
-def test_backward_tail_reads_only_the_end_of_a_large_file(agent, logs_dir: pathlib.Path, records_stub) -> None:
-    # 128 MiB of lines; a client that takes the newest 100 records and stops reading must not
-    # have made the agent touch the whole file. Measured as resident pages of the agent's mmap
-    # of that file while the stream is still open (no timing involved).
+def _read_kib(pid: int) -> int:
+    """KiB the process has read with read/pread so far (rchar: page-cache hits count too)."""
+    with open(f"/proc/{pid}/io") as io:
+        return next(int(row.split()[1]) for row in io if row.startswith("rchar:")) // 1024
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[7])  # minflt, field 10
+
+
+def _large_log(logs_dir: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """128 MiB of lines at 10:00:00.123456789, then one "newest" line at 10:00:01; (path, KiB)."""
     path = log_path(logs_dir)
     line = cri("2024-05-01T10:00:00.123456789Z", "y" * 90).encode()
     block = line * ((1 << 20) // len(line))
@@ -180,7 +189,16 @@ def test_backward_tail_reads_only_the_end_of_a_large_file(agent, logs_dir: pathl
         for _ in range(128):
             handle.write(block)
         handle.write(cri("2024-05-01T10:00:01Z", "newest").encode())
-    size_kib = path.stat().st_size // 1024
+    return path, path.stat().st_size // 1024
+
+
+def test_backward_tail_reads_only_the_end_of_a_large_file(agent, logs_dir: pathlib.Path, records_stub) -> None:
+    # 128 MiB of lines; a client that takes the newest 100 records and stops reading must not
+    # have made the agent touch the whole file. Measured as resident pages of the agent's mmap
+    # of that file, and as what it read with pread (chunks are scanned on pread copies), while
+    # the stream is still open (no timing involved).
+    path, size_kib = _large_log(logs_dir)
+    read_before = _read_kib(agent.proc.pid)
     call = records_stub.StreamBackward(stream_request(), timeout=60)
     first = [next(call) for _ in range(100)]
     assert first[0].message == "newest"
@@ -190,10 +208,29 @@ def test_backward_tail_reads_only_the_end_of_a_large_file(agent, logs_dir: pathl
         rss = _mapped_rss_kib(agent.proc.pid, real)
         if rss is not None:
             break
+    read = _read_kib(agent.proc.pid) - read_before
     call.cancel()
     assert rss is not None, "the agent did not map the file"
-    print(f"resident {rss} KiB of {size_kib} KiB")
+    print(f"resident {rss} KiB, read {read} KiB of {size_kib} KiB")
     assert rss < size_kib // 4, f"{rss} KiB of a {size_kib} KiB file resident after 100 records"
+    assert read < size_kib // 4, f"{read} KiB of a {size_kib} KiB file read after 100 records"
+
+
+def test_window_start_is_found_without_reading_the_file(agent, logs_dir: pathlib.Path, records_stub) -> None:
+    # The window's start is found by binary search over byte offsets: a start_time at the end of
+    # a 128 MiB file costs a few small reads, not a scan from the start.
+    # Measured as pread bytes (rchar) and as page faults, which count the pages of the mapping
+    # that the search touches: the search costs ~100 here (most of them the stream's own
+    # allocations), a scan through the 128 MiB over 700 (the kernel maps 64 KiB or more around
+    # each fault).
+    path, size_kib = _large_log(logs_dir)
+    read_before, faults_before = _read_kib(agent.proc.pid), _minor_faults(agent.proc.pid)
+    got = records(records_stub.StreamForward(stream_request(start_time="2024-05-01T10:00:00.5Z"), timeout=60))
+    read, faults = _read_kib(agent.proc.pid) - read_before, _minor_faults(agent.proc.pid) - faults_before
+    print(f"read {read} KiB, {faults} page faults for a {size_kib} KiB file")
+    assert got == [("2024-05-01T10:00:01.000000000Z", "newest", True)]
+    assert read < 1024, f"{read} KiB read of a {size_kib} KiB file to find the window's start"
+    assert faults < 300, f"{faults} page faults to find the window's start in a {size_kib} KiB file"
 
 
 def test_fused_cri_encoder_matches_the_general_path() -> None:
