@@ -295,3 +295,10 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path: pathlib.Path) -> None:
         result = run_cli(*args)
         assert result.returncode == 1 and result.stdout == "", result
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_backward_never_follows(logs_dir: pathlib.Path, records_stub) -> None:
+    log_path(logs_dir).write_text(cri("2024-05-01T10:00:00Z", "one") + cri("2024-05-01T10:00:01Z", "two"))
+    for mode in (pb.DEFAULT, pb.END):  # ignored: the stream ends after the oldest record
+        got = records(records_stub.StreamBackward(stream_request(follow_from=mode), timeout=10))
+        assert [message for _, message, _ in got] == ["two", "one"]
