@@ -498,3 +498,14 @@ def test_logging_disabled_and_pretty(logs_dir: pathlib.Path) -> None:
         finally:
             channel.close()
             agent.kill()
+
+
+def test_reflection_lists_the_services_and_sigint_stops_like_sigterm(start_agent, logs_dir: pathlib.Path) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    agent = start_agent(logs_dir)
+    with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"cluster_agent.LogMetadataService", "cluster_agent.LogRecordsService", "grpc.health.v1.Health"} <= services
+    assert agent.stop(signal.SIGINT) == 0
+    assert [e["msg"] for e in agent.events()][-2:] == ["shutting down", "stopped"]
