@@ -1889,7 +1889,12 @@ class MetadataWatcher:
             with os.scandir(self.directory) as listing:
                 names = [e.name for e in listing]
             for name in names:
-                self._track(name, announce=False)
+                try:
+                    self._track(name, announce=False)
+                except WatchLimitReached:
+                    raise
+                except RequestError as exc:  # this entry vanished meanwhile: skipped, as List does
+                    log_event(logging.DEBUG, "log entry not watched", error=exc.message)
         except OSError as exc:
             self._stop()
             raise _directory_error(self.directory, exc) from None
@@ -2038,8 +2043,8 @@ class MetadataWatcher:
         if watched.timer is not None:
             watched.trailing = True
             return
-        self._send_modified(watched)
-        watched.timer = asyncio.get_running_loop().call_later(self.DEBOUNCE_S, self._window_closed, watched)
+        if self._send_modified(watched):  # a window opens only with an event sent
+            watched.timer = asyncio.get_running_loop().call_later(self.DEBOUNCE_S, self._window_closed, watched)
 
     def _window_closed(self, watched: WatchedEntry) -> None:
         watched.timer = None
@@ -2047,12 +2052,14 @@ class MetadataWatcher:
             watched.trailing = False
             self._changed(watched)
 
-    def _send_modified(self, watched: WatchedEntry) -> None:
+    def _send_modified(self, watched: WatchedEntry) -> bool:
+        """MODIFIED if the file changed since the last event; whether one was sent."""
         info = stat_log_file(watched.path)
         if info is None or watched.sent is None or info == watched.sent:
-            return  # one change, one event: raw events that changed nothing are dropped
+            return False  # one change, one event: raw events that changed nothing are dropped
         watched.sent = info
         self._emit(MetadataEvent("MODIFIED", watched.entry, info))
+        return True
 
 
 def metadata_message(entry: LogEntry, info: FileInfo | None, node_name: str) -> Any:

@@ -1023,3 +1023,48 @@ def test_shutdown_ends_watch_with_unavailable(start_agent, logs_dir: pathlib.Pat
                 stream.cancel()
     assert any(event.get("msg") == "stopped" for event in agent.events()), agent.lines[-5:]
     assert quiet_errors(agent) == []
+
+
+def test_watch_starts_while_files_vanish(logs_dir: pathlib.Path, meta_agent, stub, prober) -> None:
+    """A file that disappears while a Watch is starting is skipped, as List skips it: the stream
+    still comes up (the first subscriber makes the agent scan and watch every entry)."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            batch = [pod_log(logs_dir, f"churn-{n + i}", content="c\n") for i in range(50)]
+            n += 50
+            for entry in batch:
+                entry.target.unlink()
+            for entry in batch:
+                entry.link.unlink()
+                shutil.rmtree(entry.target.parent.parent)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(40):
+            stream = Watch(stub)
+            try:
+                sync(prober, [stream])  # fails if the stream ended (e.g. NOT_FOUND) instead
+            finally:
+                stream.cancel()
+            wait_until(lambda: inotify_watches(meta_agent.proc.pid) == 0, "the watcher stopped")
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_watch_leading_edge_after_a_quiet_window(logs_dir: pathlib.Path, meta_agent, stub, prober, watches) -> None:
+    """After a window closes with nothing to send, the file is quiet again: its next change is
+    sent at once, before anything that happens after it (a probe entry), not 2 s later."""
+    entry = pod_log(logs_dir, "quiet", content="start\n")
+    stream = open_watch(watches, stub)
+    sync(prober, [stream])
+    append(entry.target, "first\n")  # MODIFY, then CLOSE_WRITE inside the window: trailing, nothing new
+    assert stream.take(1) == [Ev("MODIFIED", entry.name, *state(entry.target))]
+    time.sleep(SETTLE)  # the window has closed
+    append(entry.target, "second\n")
+    second = Ev("MODIFIED", entry.name, *state(entry.target))
+    assert sync(prober, [stream])[0] == [second]  # before the probe made after the write
