@@ -438,6 +438,21 @@ def test_list_namespaces_filter(logs_dir: pathlib.Path, meta_agent, stub) -> Non
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def churn_entries(logs_dir: pathlib.Path, stop: threading.Event, churned: list[int]) -> None:
+    """Until `stop`: create kubelet-style entries in batches of 50 and remove them again (target
+    first, then the link, so links are also seen dangling); churned[0] counts them."""
+    n = 0
+    while not stop.is_set():
+        batch = [pod_log(logs_dir, f"churn-{n + i}", content="c\n") for i in range(50)]
+        n += 50
+        for entry in batch:
+            entry.target.unlink()
+        for entry in batch:
+            entry.link.unlink()
+            shutil.rmtree(entry.target.parent.parent)
+        churned[0] = n
+
+
 def test_list_tolerates_files_vanishing_while_listing(logs_dir: pathlib.Path, meta_agent, stub) -> None:
     """Entries and targets that disappear between the directory read and the stat are skipped.
 
@@ -449,20 +464,7 @@ def test_list_tolerates_files_vanishing_while_listing(logs_dir: pathlib.Path, me
     want_stable = sorted(expected_item(e) for e in stable)
     stop = threading.Event()
     churned = [0]
-
-    def churn() -> None:
-        n = 0
-        while not stop.is_set():
-            batch = [pod_log(logs_dir, f"churn-{n + i}", content="c\n") for i in range(50)]
-            n += 50
-            for entry in batch:
-                entry.target.unlink()
-            for entry in batch:
-                entry.link.unlink()
-                shutil.rmtree(entry.target.parent.parent)
-            churned[0] = n
-
-    thread = threading.Thread(target=churn, daemon=True)
+    thread = threading.Thread(target=churn_entries, args=(logs_dir, stop, churned), daemon=True)
     thread.start()
     try:
         for _ in range(60):
@@ -1029,19 +1031,7 @@ def test_watch_starts_while_files_vanish(logs_dir: pathlib.Path, meta_agent, stu
     """A file that disappears while a Watch is starting is skipped, as List skips it: the stream
     still comes up (the first subscriber makes the agent scan and watch every entry)."""
     stop = threading.Event()
-
-    def churn() -> None:
-        n = 0
-        while not stop.is_set():
-            batch = [pod_log(logs_dir, f"churn-{n + i}", content="c\n") for i in range(50)]
-            n += 50
-            for entry in batch:
-                entry.target.unlink()
-            for entry in batch:
-                entry.link.unlink()
-                shutil.rmtree(entry.target.parent.parent)
-
-    thread = threading.Thread(target=churn, daemon=True)
+    thread = threading.Thread(target=churn_entries, args=(logs_dir, stop, [0]), daemon=True)
     thread.start()
     try:
         for _ in range(40):
