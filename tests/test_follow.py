@@ -70,6 +70,17 @@ class Follow(StreamReader):
         super().__init__(stub.StreamForward(request, timeout=timeout), lambda record: records([record])[0])
 
 
+def files_open(pid: int, path: pathlib.Path) -> int:
+    """How many of the process's fds are open on `path` (the resolved file)."""
+    target, count = str(path.resolve()), 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == target
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return count
+
+
 def mappings_of(pid: int, path: pathlib.Path) -> int:
     """How many memory mappings of `path` (the resolved file) the process has."""
     target = str(path.resolve())
@@ -640,6 +651,9 @@ def test_cancelled_streams_release_everything(logs_dir: pathlib.Path, agent, rec
     # Warm-up: the scan pool's threads and the inotify instance are created on first use.
     one_stream(-1)
     one_stream(0)
+    # The baseline must not count the log file itself: a cancelled stream closes it just after
+    # its watch is released, and a baseline taken in between made "25 streams hold 25 more" fail.
+    wait_until(lambda: files_open(pid, path) == 0, "the warm-up streams closed the log file")
     fds, threads = fd_count(pid), thread_count(pid)
 
     for i in range(1, 201):
